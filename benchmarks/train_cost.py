@@ -1,0 +1,127 @@
+"""Seconds per training step, as ratios to dense training, measured in one process.
+
+Methods (same model, batch, optimizer; repetitions alternate so drift hits all alike):
+  dense               plain model, cross-entropy, SGD step
+  svd_training        svdtrain's forward path (auto: rebuild W and run one dense op at
+                      high rank), + orthogonality + Hoyer loss
+  reference_two_conv  the reference code's path: two convolutions per layer at full rank
+  trp                 TRP: dense steps + nuclear-norm subgradient, and every m steps an
+                      SVD truncation of every weight (its cost averaged over m steps)
+
+    python benchmarks/train_cost.py --models resnet20 resnet56 --batch 128 --reps 20
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import svdtrain
+from svdtrain.models import build_model
+
+
+def make_step(model, extra_loss=None, after_step=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    count = [0]
+
+    def step(x, y):
+        loss = F.cross_entropy(model(x), y)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        count[0] += 1
+        if after_step is not None:
+            after_step(model, count[0])
+    return step
+
+
+def build_steps(name: str, methods: list[str], trp_every: int):
+    steps = {}
+    base = build_model(name, num_classes=10)
+    for method in methods:
+        model = build_model(name, num_classes=10)
+        model.load_state_dict(base.state_dict())
+        model.train()
+        if method == "dense":
+            steps[method] = make_step(model)
+        elif method in ("svd_training", "reference_two_conv"):
+            svdtrain.decompose(model, init="random")
+            if method == "reference_two_conv":
+                for _, layer in svdtrain.svd_layers(model):
+                    layer.forward_path = "factored"
+            reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.01)
+            steps[method] = make_step(model, reg)
+        elif method == "trp":
+            from svdtrain.baselines import TRP
+            trp = TRP(model, every=trp_every, keep_energy=0.98, nuclear=3e-4)
+            steps[method] = make_step(model, after_step=lambda m, i: trp.step(i))
+        else:
+            raise SystemExit(f"unknown method {method!r}")
+    return steps
+
+
+def measure(name, methods, batch, reps, warmup, trp_every):
+    steps = build_steps(name, methods, trp_every)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    times = {m: [] for m in methods}
+    for i in range(warmup + reps):
+        for m in methods:  # alternate methods within each repetition
+            t0 = time.perf_counter()
+            steps[m](x, y)
+            if i >= warmup:
+                times[m].append(time.perf_counter() - t0)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    # TRP's periodic SVD falls on one step in `trp_every`: use its mean, not its median.
+    if "trp" in times:
+        med["trp"] = statistics.fmean(times["trp"])
+    return {
+        "model": name,
+        "seconds_per_step": med,
+        "ratios": {m: med[m] / med["dense"] for m in methods if m != "dense"},
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    p.add_argument("--methods", nargs="+", default=["dense", "svd_training", "reference_two_conv", "trp"])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--trp-every", type=int, default=20, help="TRP's m: steps between SVD truncations")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_cost.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results = []
+    for name in args.models:
+        r = measure(name, args.methods, args.batch, args.reps, args.warmup, args.trp_every)
+        print(json.dumps(r))
+        results.append(r)
+    out = dict(results[0])  # the first model's figures at top level (external checks read them)
+    out.update({
+        "per_model": results,
+        "batch": args.batch, "reps": args.reps, "threads": args.threads, "trp_every": args.trp_every,
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/train_cost.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+    })
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

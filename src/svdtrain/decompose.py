@@ -1,0 +1,65 @@
+"""Replace the Conv2d/Linear layers of any model by their SVD form."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable
+
+from torch import nn
+
+from .layers import SVDConv2d, SVDLinear, unwrap
+
+log = logging.getLogger("svdtrain")
+
+Skip = None | Iterable[str] | Callable[[str, nn.Module], bool]
+
+
+def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:
+    if skip is None:
+        return lambda name, module: False
+    if callable(skip):
+        return skip
+    names = set(skip)
+    return lambda name, module: name in names
+
+
+def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: Skip = None) -> nn.Module:
+    """Replace, in place, every eligible nn.Conv2d / nn.Linear of `model` by its SVD form.
+
+    mode: "channel" or "spatial" (spatial applies to convs with a kernel larger than 1x1).
+    init: "svd" keeps the model's function exactly (SVD of the current weights);
+          "random" starts the factors afresh, for training from scratch.
+    skip: None, qualified module names, or a predicate (name, module) -> bool.
+    Grouped/depthwise convs stay dense (logged once each). Returns `model`.
+    """
+    if mode not in ("channel", "spatial"):
+        raise ValueError(f"mode must be 'channel' or 'spatial', got {mode!r}")
+    if init not in ("svd", "random"):
+        raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    skipped = _skip_predicate(skip)
+    root = unwrap(model)
+    # Collect first: replacing while iterating named_modules() would visit the new layers.
+    targets = [(name, m) for name, m in root.named_modules()
+               if type(m) in (nn.Conv2d, nn.Linear) and not skipped(name, m)]
+    for name, module in targets:
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1:
+                log.info("svdtrain: %s is a grouped conv (groups=%d); left dense", name, module.groups)
+                continue
+            if isinstance(module.padding, str):
+                log.info("svdtrain: %s uses padding=%r; left dense", name, module.padding)
+                continue
+            new = SVDConv2d.from_conv(module, mode=mode, init=init)
+        else:
+            new = SVDLinear.from_linear(module, init=init)
+        new.train(module.training)
+        _set_submodule(root, name, new)
+    return model
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("decompose() needs a model that contains layers, not a bare layer; "
+                         "use SVDConv2d.from_conv / SVDLinear.from_linear for one layer")
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -1,0 +1,320 @@
+"""SVD-form layers: a weight kept as W = U diag(s) V^T and trained in that form.
+
+Each layer holds three parameters, U (rows x r), s (r,) and V (cols x r), over a matrix
+view of the dense weight (see `SVDConv2d` for the two conv views), plus a boolean buffer
+`active` that marks the singular values that survived pruning. Pruned values are masked,
+not deleted, so parameter shapes never change: a user's optimizer stays valid and a
+state_dict loads into a freshly decomposed model (the mask carries the ranks).
+
+Forward runs one of two exact paths, chosen per call by cost:
+- "dense": rebuild W from the factors (one small matmul) and run one dense op; cheapest
+  while the rank is high (training at full rank costs about what dense training costs);
+- "factored": run the two factor layers at the active rank; cheapest once the rank is low.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Forward takes the factored path only when its MACs are below this fraction of the dense
+# op's: two small convs carry overhead (an extra kernel launch, an intermediate tensor)
+# that the MAC count does not see.
+FACTORED_BELOW = 0.7
+
+
+class SVDLayer(nn.Module):
+    """Base class: holds U, s, V, the pruning mask and the losses' view of them."""
+
+    rows: int
+    cols: int
+
+    def _init_factors(self, matrix: torch.Tensor | None, init: str) -> None:
+        rows, cols = self.rows, self.cols
+        r = min(rows, cols)
+        if init == "svd":
+            if matrix is None:
+                raise ValueError("init='svd' needs the dense weight")
+            u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
+            u, s, v = u.float(), s.float(), vh.mH.float()
+        elif init == "random":
+            # The reference code's scratch init: Kaiming-normal factors, normal s. s is
+            # drawn as |N(0,1)| so U diag(s) V^T equals U diag(|s|) V^T from the start.
+            u, v = torch.empty(rows, r), torch.empty(cols, r)
+            nn.init.kaiming_normal_(u)
+            nn.init.kaiming_normal_(v)
+            s = torch.randn(r).abs()
+        else:
+            raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+        self.U = nn.Parameter(u.contiguous())
+        self.s = nn.Parameter(s.contiguous())
+        self.V = nn.Parameter(v.contiguous())
+        self.register_buffer("active", torch.ones(r, dtype=torch.bool))
+        self.forward_path = "auto"  # "auto" | "dense" | "factored"
+        self._idx_cache: tuple[int, torch.Tensor | None] = (-1, None)
+
+    # ----- the active (unpruned) part of the factors -----
+    @property
+    def full_rank(self) -> int:
+        return self.s.numel()
+
+    @property
+    def rank(self) -> int:
+        """Number of singular values still active (not pruned)."""
+        return int(self.active.sum())
+
+    def _active_index(self) -> torch.Tensor | None:
+        """Indices of active values, or None when all are active (no gather needed)."""
+        version = self.active._version
+        if self._idx_cache[0] != version:
+            idx = None if bool(self.active.all()) else self.active.nonzero().squeeze(1)
+            self._idx_cache = (version, idx)
+        return self._idx_cache[1]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, s, V) restricted to the active singular values; differentiable."""
+        idx = self._active_index()
+        if idx is None:
+            return self.U, self.s, self.V
+        return self.U[:, idx], self.s[idx], self.V[:, idx]
+
+    def matrix(self) -> torch.Tensor:
+        """The matrix view U diag(s) V^T at the active rank."""
+        u, s, v = self.factors()
+        return (u * s) @ v.T
+
+    def set_active(self, mask: torch.Tensor) -> None:
+        """Keep only the singular values where `mask` is True; zero the others."""
+        mask = mask.to(device=self.active.device, dtype=torch.bool)
+        with torch.no_grad():
+            self.active.copy_(mask)
+            self.s.masked_fill_(~self.active, 0.0)
+
+    # ----- cost -----
+    def macs(self, in_hw: tuple[int, int] | None = None, rank: int | None = None) -> tuple[int, int]:
+        """(dense MACs, factored MACs at `rank`) per sample for an input of spatial size in_hw."""
+        raise NotImplementedError
+
+    def _use_factored(self, in_hw: tuple[int, int] | None) -> bool:
+        if self.forward_path != "auto":
+            return self.forward_path == "factored"
+        dense, factored = self.macs(in_hw)
+        return factored < FACTORED_BELOW * dense
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}/{self.full_rank}"
+
+
+class SVDLinear(SVDLayer):
+    """nn.Linear in SVD form; matrix view out x in."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 weight: torch.Tensor | None = None, init: str = "random"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.rows, self.cols = out_features, in_features
+        self._init_factors(weight, init)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, init: str = "svd") -> "SVDLinear":
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None,
+                  weight=layer.weight, init=init)
+        if layer.bias is not None:
+            new.bias.data.copy_(layer.bias.detach())
+        return new.to(layer.weight.device)
+
+    def dense_weight(self) -> torch.Tensor:
+        """U diag(s) V^T in nn.Linear's weight shape (out, in)."""
+        return self.matrix()
+
+    def macs(self, in_hw=None, rank=None):
+        r = self.rank if rank is None else rank
+        return self.in_features * self.out_features, r * (self.in_features + self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_factored(None):
+            u, s, v = self.factors()
+            return F.linear(F.linear(x, v.T), u * s, self.bias)
+        return F.linear(x, self.dense_weight(), self.bias)
+
+    def factor_layers(self) -> nn.Sequential:
+        """The two ordinary nn.Linear layers (in->r, r->out) at the active rank."""
+        u, s, v = (t.detach() for t in self.factors())
+        first = nn.Linear(self.in_features, u.shape[1], bias=False)
+        second = nn.Linear(u.shape[1], self.out_features, bias=self.bias is not None)
+        first.weight.data.copy_(v.T)
+        second.weight.data.copy_(u * s)
+        if self.bias is not None:
+            second.bias.data.copy_(self.bias.detach())
+        return nn.Sequential(first, second)
+
+    def dense_layer(self) -> nn.Linear:
+        """One ordinary nn.Linear holding U diag(s) V^T."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer.weight.data.copy_(self.dense_weight().detach())
+        if self.bias is not None:
+            layer.bias.data.copy_(self.bias.detach())
+        return layer
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class SVDConv2d(SVDLayer):
+    """nn.Conv2d (groups=1) in SVD form.
+
+    mode "channel": matrix n x (c*kh*kw); factors are a kh x kw conv c->r (the layer's
+    stride, padding, dilation) then a 1x1 conv r->n.
+    mode "spatial": matrix (n*kh) x (c*kw) with M[n*kh+h, c*kw+w] = W[n, c, h, w]; factors
+    are a 1 x kw conv c->r (horizontal stride/padding/dilation) then a kh x 1 conv r->n
+    (vertical ones). A 1x1 kernel has nothing to split spatially and uses the channel view.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, bias: bool = True, padding_mode: str = "zeros", mode: str = "channel",
+                 weight: torch.Tensor | None = None, init: str = "random"):
+        super().__init__()
+        if mode not in ("channel", "spatial"):
+            raise ValueError(f"mode must be 'channel' or 'spatial', got {mode!r}")
+        if isinstance(padding, str):
+            raise ValueError("string padding ('same'/'valid') is not supported; use integers")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.padding_mode = padding_mode
+        kh, kw = self.kernel_size
+        self.mode = "channel" if kh * kw == 1 else mode
+        if self.mode == "channel":
+            self.rows, self.cols = out_channels, in_channels * kh * kw
+        else:
+            self.rows, self.cols = out_channels * kh, in_channels * kw
+        self._init_factors(None if weight is None else self.weight_to_matrix(weight), init)
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, mode: str = "channel", init: str = "svd") -> "SVDConv2d":
+        if conv.groups != 1:
+            raise ValueError("grouped convolutions are not decomposed")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                  conv.padding, conv.dilation, conv.bias is not None, conv.padding_mode,
+                  mode=mode, weight=conv.weight, init=init)
+        if conv.bias is not None:
+            new.bias.data.copy_(conv.bias.detach())
+        return new.to(conv.weight.device)
+
+    # ----- matrix view <-> weight -----
+    def weight_to_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        n, c, kh, kw = w.shape
+        if self.mode == "channel":
+            return w.reshape(n, c * kh * kw)
+        return w.permute(0, 2, 1, 3).reshape(n * kh, c * kw)
+
+    def matrix_to_weight(self, m: torch.Tensor) -> torch.Tensor:
+        n, c = self.out_channels, self.in_channels
+        kh, kw = self.kernel_size
+        if self.mode == "channel":
+            return m.reshape(n, c, kh, kw)
+        return m.reshape(n, kh, c, kw).permute(0, 2, 1, 3).contiguous()
+
+    def dense_weight(self) -> torch.Tensor:
+        """U diag(s) V^T in nn.Conv2d's weight shape (n, c, kh, kw)."""
+        return self.matrix_to_weight(self.matrix())
+
+    # ----- the two factor convs: (weight, stride, padding, dilation) each -----
+    def _factor_specs(self, u, s, v):
+        n, c = self.out_channels, self.in_channels
+        kh, kw = self.kernel_size
+        r = u.shape[1]
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        if self.mode == "channel":
+            first = (v.T.reshape(r, c, kh, kw), self.stride, self.padding, self.dilation)
+            second = ((u * s).reshape(n, r, 1, 1), (1, 1), (0, 0), (1, 1))
+        else:
+            first = (v.T.reshape(r, c, 1, kw), (1, sw), (0, pw), (1, dw))
+            second = ((u * s).reshape(n, kh, r).permute(0, 2, 1).unsqueeze(3),
+                      (sh, 1), (ph, 0), (dh, 1))
+        return first, second
+
+    def _conv(self, x, weight, stride, padding, dilation, bias=None):
+        if self.padding_mode != "zeros":
+            ph, pw = padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            padding = (0, 0)
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+    def out_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        return tuple(
+            (in_hw[i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1)
+            // self.stride[i] + 1
+            for i in range(2)
+        )
+
+    def macs(self, in_hw=None, rank=None):
+        r = self.rank if rank is None else rank
+        n, c = self.out_channels, self.in_channels
+        kh, kw = self.kernel_size
+        if in_hw is None:
+            # Without a known input size, assume one output pixel (and the input rows
+            # that feed it): the dense/factored ratio is what matters here.
+            in_hw = (self.stride[0], self.stride[1])
+            ho, wo = 1, 1
+        else:
+            ho, wo = self.out_hw(in_hw)
+        dense = ho * wo * kh * kw * c * n
+        if self.mode == "channel":
+            factored = ho * wo * (kh * kw * c * r + r * n)
+        else:  # 1 x kw first over all input rows, then kh x 1
+            factored = in_hw[0] * wo * kw * c * r + ho * wo * kh * r * n
+        return dense, factored
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_factored(tuple(x.shape[-2:])):
+            first, second = self._factor_specs(*self.factors())
+            return self._conv(self._conv(x, *first), *second, bias=self.bias)
+        return self._conv(x, self.dense_weight(), self.stride, self.padding, self.dilation,
+                          bias=self.bias)
+
+    # ----- export -----
+    def _new_conv(self, c, n, weight, stride, padding, dilation, bias):
+        conv = nn.Conv2d(c, n, tuple(weight.shape[-2:]), stride, padding, dilation,
+                         bias=bias is not None, padding_mode=self.padding_mode)
+        conv.weight.data.copy_(weight.detach())
+        if bias is not None:
+            conv.bias.data.copy_(bias.detach())
+        return conv
+
+    def factor_layers(self) -> nn.Sequential:
+        """The two ordinary nn.Conv2d layers at the active rank."""
+        u, s, v = (t.detach() for t in self.factors())
+        first, second = self._factor_specs(u, s, v)
+        r = u.shape[1]
+        return nn.Sequential(self._new_conv(self.in_channels, r, *first, None),
+                             self._new_conv(r, self.out_channels, *second, self.bias))
+
+    def dense_layer(self) -> nn.Conv2d:
+        """One ordinary nn.Conv2d holding U diag(s) V^T."""
+        return self._new_conv(self.in_channels, self.out_channels, self.dense_weight(),
+                              self.stride, self.padding, self.dilation, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, mode={self.mode}, rank={self.rank}/{self.full_rank}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside a DistributedDataParallel/DataParallel wrapper, if any."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def svd_layers(model: nn.Module):
+    """Yield (qualified_name, layer) for every SVD-form layer in `model`."""
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, SVDLayer):
+            yield name, module
+
+
+__all__ = ["SVDLayer", "SVDLinear", "SVDConv2d", "svd_layers", "unwrap", "FACTORED_BELOW"]

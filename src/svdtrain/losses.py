@@ -1,0 +1,110 @@
+"""The two regularizers of SVD training, and a hook for users' own training loops."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import SVDLayer, svd_layers
+
+SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")
+_EPS = 1e-12  # keeps Hoyer finite on a layer whose singular values are all zero
+
+
+def _gram_deviation(f: torch.Tensor) -> torch.Tensor:
+    # Gram of the smaller side, as the reference code does for a factor with fewer rows.
+    g = f.T @ f if f.shape[0] >= f.shape[1] else f @ f.T
+    eye = torch.eye(g.shape[0], device=g.device, dtype=g.dtype)
+    return (g - eye).pow(2).sum()
+
+
+def layer_orthogonality(layer: SVDLayer) -> torch.Tensor:
+    """(||U^T U - I||_F^2 + ||V^T V - I||_F^2) / r^2 over the active columns."""
+    u, _, v = layer.factors()
+    r = u.shape[1]
+    return (_gram_deviation(u) + _gram_deviation(v)) / (r * r)
+
+
+def layer_sparsity(layer: SVDLayer, kind: str) -> torch.Tensor:
+    """Sparsity of the active singular values: l1, hoyer or hoyer_square."""
+    s = layer.factors()[1]
+    l1 = s.abs().sum()
+    if kind == "l1":
+        return l1
+    sq = s.pow(2).sum()
+    if kind == "hoyer":
+        return l1 / sq.clamp_min(_EPS).sqrt()
+    if kind == "hoyer_square":
+        return l1.pow(2) / sq.clamp_min(_EPS)
+    raise ValueError(f"sparsity kind must be one of {SPARSITY_KINDS}, got {kind!r}")
+
+
+def _total(model: nn.Module, fn) -> torch.Tensor:
+    terms = [fn(layer) for _, layer in svd_layers(model)]
+    if not terms:
+        raise ValueError("the model has no SVD layers; call svdtrain.decompose(model) first")
+    return torch.stack(terms).sum()
+
+
+def orthogonality_loss(model: nn.Module) -> torch.Tensor:
+    """Sum over SVD layers of (||U^T U - I||_F^2 + ||V^T V - I||_F^2) / r^2."""
+    return _total(model, layer_orthogonality)
+
+
+def sparsity_loss(model: nn.Module, kind: str = "hoyer") -> torch.Tensor:
+    """Sum over SVD layers of the sparsity of s: "l1" sum|s|, "hoyer" ||s||_1/||s||_2,
+    "hoyer_square" ||s||_1^2/||s||_2^2 (active values only)."""
+    if kind not in SPARSITY_KINDS:
+        raise ValueError(f"sparsity kind must be one of {SPARSITY_KINDS}, got {kind!r}")
+    return _total(model, lambda layer: layer_sparsity(layer, kind))
+
+
+class Regularizer:
+    """`loss = task_loss + reg(model)`: orth * orthogonality + strength * sparsity.
+
+    The value depends only on the parameters, so under DDP every rank computes the same
+    term from its (synchronised) replica.
+    """
+
+    def __init__(self, orth: float = 1.0, sparsity: str | None = "hoyer", strength: float = 0.0):
+        if sparsity is not None and sparsity not in SPARSITY_KINDS:
+            raise ValueError(f"sparsity must be None or one of {SPARSITY_KINDS}, got {sparsity!r}")
+        if orth < 0 or strength < 0:
+            raise ValueError("regularizer weights must be >= 0")
+        self.orth, self.sparsity, self.strength = orth, sparsity, strength
+        self.last: dict[str, torch.Tensor] = {}
+
+    def terms(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The unweighted loss terms that are switched on."""
+        out = {}
+        if self.orth:
+            out["orthogonality"] = orthogonality_loss(model)
+        if self.sparsity and self.strength:
+            out["sparsity"] = sparsity_loss(model, self.sparsity)
+        return out
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        terms = self.terms(model)
+        # Detached tensors, not floats: converting here would sync a GPU every step.
+        self.last = {k: v.detach() for k, v in terms.items()}
+        weights = {"orthogonality": self.orth, "sparsity": self.strength}
+        if not terms:
+            return next(model.parameters()).new_zeros(())
+        return sum(weights[k] * v for k, v in terms.items())
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_s: bool = False) -> list[dict]:
+    """Optimizer parameter groups with weight decay on everything but the singular values.
+
+    Weight decay on s would fight (or double) the sparsity term, so s goes in a group with
+    weight_decay=0 unless `decay_s` is True.
+    """
+    s_params = {id(layer.s) for _, layer in svd_layers(model)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if id(p) in s_params and not decay_s else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups

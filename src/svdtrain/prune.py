@@ -1,0 +1,122 @@
+"""Singular-value pruning: by an energy threshold per layer, or to a whole-model MACs budget."""
+from __future__ import annotations
+
+import heapq
+
+import torch
+from torch import nn
+
+from .layers import SVDLayer, svd_layers
+from .macs import profile
+
+
+def energy_rank(s: torch.Tensor, keep_energy: float) -> int:
+    """Smallest k such that the k largest s_i^2 hold >= keep_energy of sum s_i^2 (k >= 1)."""
+    e = s.detach().double().pow(2).sort(descending=True).values
+    if keep_energy >= 1.0:
+        # Exactly all the energy: every nonzero value (float cumsums may stall before).
+        return max(1, int((e > 0).sum()))
+    cum = e.cumsum(0)
+    total = cum[-1]
+    if total <= 0:
+        return 1  # all zero: one (zero) value keeps the layer exportable; it adds nothing
+    k = int((cum < keep_energy * total).sum()) + 1
+    return min(k, e.numel())
+
+
+def _keep_top(layer: SVDLayer, k: int) -> None:
+    """Keep the k active values of largest magnitude (ties: lower index first)."""
+    mag = torch.where(layer.active, layer.s.detach().abs(), torch.full_like(layer.s, -1.0))
+    order = torch.sort(mag, descending=True, stable=True).indices
+    mask = torch.zeros_like(layer.active)
+    mask[order[:k]] = True
+    layer.set_active(mask)
+
+
+def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: float | None = None,
+          input_shape=None) -> dict[str, int]:
+    """Prune singular values of every SVD layer; returns {qualified_name: rank}.
+
+    keep_energy: per layer, keep the fewest largest values whose squares hold at least this
+        fraction of the layer's energy (the paper's rule; the reference's -e is 1 - keep_energy).
+    macs_budget: instead, bring the whole model's deploy MACs to <= this fraction of its
+        dense MACs (needs `input_shape`). Rule: every active value i of layer l is scored by
+        its share of the layer's energy, s_i^2 / sum_j s_j^2, divided by the factored MACs
+        one unit of rank costs in layer l; values are removed lowest score first (never a
+        layer's last one) until the budget holds. Layers whose factor pair would cost more
+        than their dense form are counted dense, as `export` builds them.
+    Pruned values are masked and zeroed: they no longer affect output, losses or training.
+    """
+    if (keep_energy is None) == (macs_budget is None):
+        raise ValueError("give exactly one of keep_energy or macs_budget")
+    layers = list(svd_layers(model))
+    if not layers:
+        raise ValueError("the model has no SVD layers; call svdtrain.decompose(model) first")
+    if keep_energy is not None:
+        if not (isinstance(keep_energy, (int, float)) and 0.0 < keep_energy <= 1.0):
+            raise ValueError(f"keep_energy must be in (0, 1], got {keep_energy!r}")
+        for _, layer in layers:
+            active_s = layer.s.detach()[layer.active]
+            _keep_top(layer, energy_rank(active_s, float(keep_energy)))
+        return ranks(model)
+    return _prune_to_budget(model, float(macs_budget), input_shape)
+
+
+def _prune_to_budget(model: nn.Module, budget: float, input_shape) -> dict[str, int]:
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"macs_budget must be in (0, 1], got {budget!r}")
+    if input_shape is None:
+        raise ValueError("macs_budget needs input_shape, e.g. (1, 3, 32, 32)")
+    records = profile(model, input_shape)
+    dense_total = sum(r.macs("dense") for r in records)
+    target = budget * dense_total
+    svd = {id(r.module): r for r in records if isinstance(r.module, SVDLayer)}
+    rank = {key: r.module.rank for key, r in svd.items()}
+    fixed = sum(r.macs() for r in records if not isinstance(r.module, SVDLayer))
+
+    def total() -> int:
+        return fixed + sum(min(r.dense, r.per_rank * rank[k]) for k, r in svd.items())
+
+    floor = fixed + sum(min(r.dense, r.per_rank) for r in svd.values())
+    if floor > target:
+        raise ValueError(f"macs_budget {budget:g} is below what rank 1 everywhere reaches "
+                         f"({floor / dense_total:.3f} of dense MACs)")
+    # Each layer's values ascending by energy; the heap holds each layer's next candidate.
+    queues, heap = {}, []
+    for key, r in svd.items():
+        layer = r.module
+        e = layer.s.detach().double().pow(2)
+        share = e / e[layer.active].sum().clamp_min(1e-300)
+        idx = [int(i) for i in torch.argsort(share, stable=True) if layer.active[i]]
+        queues[key] = (share, idx)
+        if len(idx) > 1 and r.per_rank > 0:
+            heapq.heappush(heap, (float(share[idx[0]]) / r.per_rank, key, 0))
+    current = total()
+    while current > target and heap:
+        _, key, pos = heapq.heappop(heap)
+        r = svd[key]
+        share, idx = queues[key]
+        rank[key] -= 1
+        current -= min(r.dense, r.per_rank * (rank[key] + 1)) - min(r.dense, r.per_rank * rank[key])
+        if rank[key] > 1:
+            heapq.heappush(heap, (float(share[idx[pos + 1]]) / r.per_rank, key, pos + 1))
+    for key, r in svd.items():
+        _keep_top(r.module, rank[key])
+    return ranks(model)
+
+
+def ranks(model: nn.Module) -> dict[str, int]:
+    """{qualified_name: active rank} of every SVD layer."""
+    return {name: layer.rank for name, layer in svd_layers(model)}
+
+
+def set_ranks(model: nn.Module, rank_config: dict[str, int]) -> None:
+    """Keep, in each named layer, its `rank` largest active singular values."""
+    layers = dict(svd_layers(model))
+    unknown = set(rank_config) - set(layers)
+    if unknown:
+        raise ValueError(f"rank config names layers the model lacks: {sorted(unknown)[:5]}")
+    for name, k in rank_config.items():
+        if not 1 <= int(k) <= layers[name].full_rank:
+            raise ValueError(f"rank {k} for {name} is outside 1..{layers[name].full_rank}")
+        _keep_top(layers[name], int(k))

@@ -1,0 +1,53 @@
+"""Small models used across tests (independent of svdtrain.models)."""
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyResNet(nn.Module):
+    """Stem, one identity block, one block with a strided 1x1-conv downsample, head."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.a1, self.a2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.b1 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bnb = nn.BatchNorm2d(16)
+        self.b2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(x + self.a2(F.relu(self.a1(x))))
+        x = F.relu(self.down(x) + self.b2(F.relu(self.bnb(self.b1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class GroupedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.gc = nn.Conv2d(8, 16, 3, padding=1, groups=4)
+        self.pw = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = F.relu(self.pw(F.relu(self.gc(F.relu(self.dw(F.relu(self.conv(x))))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 3))
+
+
+def randomize_bn(model):
+    """Give BatchNorms non-trivial statistics so eval-mode tests exercise them."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model

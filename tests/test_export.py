@@ -1,0 +1,117 @@
+"""Export to ordinary layers: equivalence, dense fallback, torch.export, loading without svdtrain."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import svdtrain
+from helpers import GroupedNet, TinyResNet, mlp, randomize_bn
+
+
+def _only_torch_modules(model):
+    return all(type(m).__module__.startswith("torch") for m in model.modules())
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+
+
+@pytest.mark.parametrize("make,shape", [(TinyResNet, (4, 3, 16, 16)), (GroupedNet, (2, 3, 10, 10)),
+                                         (mlp, (5, 3, 4, 4))])
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+def test_export_matches_pruned_model(make, shape, mode):
+    model = randomize_bn(make()).eval()
+    svdtrain.decompose(model, mode=mode, init="svd")
+    svdtrain.prune(model, keep_energy=0.8)
+    x = torch.randn(shape)
+    compact = svdtrain.export(model, input_shape=shape).eval()
+    assert _only_torch_modules(compact)
+    assert not any(isinstance(m, svdtrain.SVDLayer) for m in compact.modules())
+    with torch.no_grad():
+        assert _rel_err(compact(x), model(x)) < 1e-4
+    assert svdtrain.count_macs(compact, shape) == svdtrain.count_macs(model, shape)
+    assert svdtrain.count_params(compact) == svdtrain.count_params(model)
+
+
+def test_grouped_convs_stay_dense_and_are_logged(caplog):
+    with caplog.at_level("INFO", logger="svdtrain"):
+        model = svdtrain.decompose(GroupedNet())
+    assert type(model.dw) is nn.Conv2d and type(model.gc) is nn.Conv2d
+    assert isinstance(model.conv, svdtrain.SVDConv2d) and isinstance(model.fc, svdtrain.SVDLinear)
+    assert sum("grouped" in r.message for r in caplog.records) == 2
+
+
+def test_export_uses_dense_layer_where_cheaper():
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)))
+    model[1].set_active(torch.arange(16) < 2)  # 2*(16+16)=64 MACs < 256 dense
+    compact = svdtrain.export(model, trace=False)
+    assert isinstance(compact[0], nn.Linear)  # full rank: 512 factored > 256 dense
+    assert isinstance(compact[1], nn.Sequential) and compact[1][0].out_features == 2
+
+
+def test_skip_by_name_and_predicate():
+    model = svdtrain.decompose(TinyResNet(), skip=["stem", "fc"])
+    assert type(model.stem) is nn.Conv2d and type(model.fc) is nn.Linear
+    model = svdtrain.decompose(TinyResNet(), skip=lambda name, m: name.startswith("down"))
+    assert type(model.down[0]) is nn.Conv2d and isinstance(model.a1, svdtrain.SVDConv2d)
+
+
+def test_torch_export_round_trip(tmp_path):
+    model = randomize_bn(TinyResNet()).eval()
+    svdtrain.decompose(model)
+    svdtrain.prune(model, keep_energy=0.7)
+    compact = svdtrain.export(model)
+    x = torch.randn(2, 3, 16, 16)
+    path = tmp_path / "compact.pt2"
+    svdtrain.export_program(compact, x, path)
+    loaded = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        assert _rel_err(loaded(x), model(x)) < 1e-4
+
+
+BLOCK_SVDTRAIN = """
+import sys, torch
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "svdtrain" or name.startswith("svdtrain."):
+            raise ImportError("svdtrain must not be imported")
+sys.meta_path.insert(0, Block())
+x = torch.load(sys.argv[2])
+{load}
+print(float((m(x) - torch.load(sys.argv[3])).abs().max()))
+"""
+
+
+@pytest.mark.parametrize("how", ["pickle", "pt2"])
+def test_compact_model_loads_without_svdtrain(tmp_path, how):
+    model = randomize_bn(TinyResNet()).eval()
+    svdtrain.decompose(model)
+    svdtrain.prune(model, keep_energy=0.8)
+    compact = svdtrain.export(model).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model(x).detach(), tmp_path / "y.pt")
+    if how == "pickle":
+        torch.save(compact, tmp_path / "m.bin")
+        load = "m = torch.load(sys.argv[1], weights_only=False)"
+    else:
+        svdtrain.export_program(compact, x, tmp_path / "m.bin")
+        load = "m = torch.export.load(sys.argv[1]).module()"
+    script = BLOCK_SVDTRAIN.format(load=load)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.bin"), str(tmp_path / "x.pt"),
+                          str(tmp_path / "y.pt")], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) < 1e-4
+
+
+def test_state_dict_of_pruned_model_rebuilds_it():
+    model = svdtrain.decompose(TinyResNet(), init="random")
+    ranks = svdtrain.prune(model, keep_energy=0.5)
+    fresh = svdtrain.decompose(TinyResNet(), init="random")
+    fresh.load_state_dict(model.state_dict())
+    assert svdtrain.ranks(fresh) == ranks
+    x = torch.randn(2, 3, 16, 16)
+    model.eval(), fresh.eval()
+    assert torch.allclose(fresh(x), model(x), atol=1e-6)

@@ -1,0 +1,81 @@
+"""Decomposed layers: exact reconstruction, matrix views, forward paths."""
+import pytest
+import torch
+from torch import nn
+
+import svdtrain
+from svdtrain import SVDConv2d, SVDLinear
+
+CONVS = [
+    dict(in_channels=5, out_channels=7, kernel_size=3, stride=1, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+    dict(in_channels=3, out_channels=8, kernel_size=(1, 5), stride=2, padding=(0, 2), bias=False),
+    dict(in_channels=6, out_channels=3, kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(in_channels=6, out_channels=4, kernel_size=1, stride=2),
+]
+
+
+@pytest.mark.parametrize("kw", CONVS)
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+@pytest.mark.parametrize("path", ["dense", "factored", "auto"])
+def test_conv_svd_init_reconstructs_exactly(kw, mode, path):
+    conv = nn.Conv2d(**kw)
+    x = torch.randn(2, kw["in_channels"], 13, 11)
+    layer = SVDConv2d.from_conv(conv, mode=mode, init="svd")
+    layer.forward_path = path
+    assert (layer.dense_weight() - conv.weight).abs().max() < 1e-5
+    assert (layer(x) - conv(x)).abs().max() < 1e-4
+    assert layer.rank == min(layer.rows, layer.cols)
+
+
+def test_matrix_views_follow_the_spec():
+    w = torch.randn(4, 3, 2, 5)
+    conv = nn.Conv2d(3, 4, (2, 5), bias=False)
+    conv.weight.data.copy_(w)
+    ch = SVDConv2d.from_conv(conv, mode="channel")
+    sp = SVDConv2d.from_conv(conv, mode="spatial")
+    assert (ch.U.shape, ch.V.shape) == ((4, 4), (30, 4))
+    assert (sp.U.shape, sp.V.shape) == ((8, 8), (15, 8))
+    m = sp.matrix().detach()
+    for n, c, h, k in [(0, 0, 0, 0), (3, 2, 1, 4), (1, 2, 0, 3)]:
+        assert m[n * 2 + h, c * 5 + k] == pytest.approx(w[n, c, h, k].item(), abs=1e-5)
+    assert torch.allclose(ch.matrix().detach(), w.reshape(4, -1), atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["dense", "factored"])
+def test_linear_reconstructs_and_views(path):
+    lin = nn.Linear(9, 4)
+    layer = SVDLinear.from_linear(lin)
+    layer.forward_path = path
+    x = torch.randn(3, 2, 9)
+    assert (layer(x) - lin(x)).abs().max() < 1e-5
+    assert layer.U.shape == (4, 4) and layer.V.shape == (9, 4) and layer.s.shape == (4,)
+    u, s, v = layer.U.detach(), layer.s.detach(), layer.V.detach()
+    assert torch.allclose(u @ torch.diag(s) @ v.T, lin.weight, atol=1e-5)
+
+
+def test_random_init_is_u_diag_s_vt():
+    layer = SVDConv2d(4, 6, 3, padding=1, init="random")
+    u, s, v = layer.U.detach(), layer.s.detach(), layer.V.detach()
+    assert (s >= 0).all()
+    assert torch.allclose(layer.dense_weight().detach().reshape(6, -1), u @ torch.diag(s) @ v.T, atol=1e-5)
+
+
+def test_factored_and_dense_paths_agree_after_pruning():
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    layer = SVDConv2d.from_conv(conv, mode="spatial")
+    svdtrain.SVDLayer.set_active(layer, torch.arange(layer.full_rank) < 3)
+    x = torch.randn(2, 8, 10, 10)
+    layer.forward_path = "dense"
+    a = layer(x)
+    layer.forward_path = "factored"
+    b = layer(x)
+    assert (a - b).abs().max() < 1e-4
+    assert layer.rank == 3
+
+
+def test_auto_path_picks_factored_only_when_cheaper():
+    layer = SVDConv2d.from_conv(nn.Conv2d(16, 16, 3, padding=1))
+    assert not layer._use_factored((8, 8))  # full rank: factor pair costs more
+    layer.set_active(torch.arange(16) < 2)
+    assert layer._use_factored((8, 8))

@@ -1,0 +1,87 @@
+"""Orthogonality and sparsity losses against hand computations."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import svdtrain
+from helpers import TinyResNet
+
+
+def _orth_numpy(u, v):
+    def dev(f):
+        g = f.T @ f if f.shape[0] >= f.shape[1] else f @ f.T
+        return ((g - np.eye(g.shape[0])) ** 2).sum()
+    r = u.shape[1]
+    return (dev(u) + dev(v)) / r ** 2
+
+
+def test_orthogonality_is_zero_after_svd_init():
+    model = svdtrain.decompose(TinyResNet())
+    assert svdtrain.orthogonality_loss(model).item() < 1e-8
+
+
+def test_orthogonality_matches_hand_value_after_perturbing_u():
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(10, 6), nn.Conv2d(3, 5, 3)))
+    with torch.no_grad():
+        model[0].U.add_(0.1 * torch.randn_like(model[0].U))
+    expected = sum(_orth_numpy(m.U.detach().double().numpy(), m.V.detach().double().numpy())
+                   for m in (model[0], model[1]))
+    assert expected > 1e-3
+    assert svdtrain.orthogonality_loss(model).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_orthogonality_counts_active_columns_only():
+    layer = svdtrain.SVDLinear.from_linear(nn.Linear(8, 6))
+    with torch.no_grad():
+        layer.U[:, 4:] = 5.0  # wreck the columns about to be pruned
+    layer.set_active(torch.arange(6) < 4)
+    model = nn.Sequential(layer)
+    assert svdtrain.orthogonality_loss(model).item() < 1e-8
+
+
+def test_sparsity_values_on_known_s():
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(4, 4), nn.Linear(3, 3)))
+    with torch.no_grad():
+        model[0].s.copy_(torch.tensor([3.0, -4.0, 0.0, 0.0]))
+        model[1].s.copy_(torch.tensor([1.0, 1.0, 1.0]))
+    # l1: 7 + 3; hoyer: 7/5 + 3/sqrt(3); hoyer_square: 49/25 + 9/3
+    assert svdtrain.sparsity_loss(model, "l1").item() == pytest.approx(10.0)
+    assert svdtrain.sparsity_loss(model, "hoyer").item() == pytest.approx(1.4 + math.sqrt(3), rel=1e-6)
+    assert svdtrain.sparsity_loss(model, "hoyer_square").item() == pytest.approx(1.96 + 3.0, rel=1e-6)
+
+
+def test_sparsity_of_all_zero_layer_is_finite():
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(4, 4)))
+    with torch.no_grad():
+        model[0].s.zero_()
+    for kind in ("l1", "hoyer", "hoyer_square"):
+        value = svdtrain.sparsity_loss(model, kind)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(model[0].s.grad).all()
+
+
+def test_regularizer_combines_weighted_terms():
+    model = svdtrain.decompose(TinyResNet(), init="random")
+    reg = svdtrain.Regularizer(orth=0.5, sparsity="hoyer", strength=0.2)
+    expected = 0.5 * svdtrain.orthogonality_loss(model) + 0.2 * svdtrain.sparsity_loss(model, "hoyer")
+    assert reg(model).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="sparsity"):
+        svdtrain.Regularizer(sparsity="l2")
+
+
+def test_losses_need_svd_layers():
+    with pytest.raises(ValueError, match="decompose"):
+        svdtrain.orthogonality_loss(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_param_groups_exclude_s_from_weight_decay():
+    model = svdtrain.decompose(TinyResNet())
+    groups = svdtrain.param_groups(model, weight_decay=5e-4)
+    s_ids = {id(m.s) for _, m in svdtrain.svd_layers(model)}
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
+    assert {id(p) for p in groups[1]["params"]} == s_ids and not (decayed & s_ids)
+    assert len(decayed) + len(s_ids) == len(list(model.parameters()))

@@ -1,0 +1,59 @@
+"""MAC and parameter counts against hand counts."""
+import pytest
+import torch.nn.functional as F
+from torch import nn
+
+import svdtrain
+
+
+class Known(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4, bias=False)
+        self.fc = nn.Linear(8 * 5 * 5, 10)
+
+    def forward(self, x):
+        x = self.grouped(F.relu(self.conv(x)))
+        return self.fc(x.flatten(1))
+
+
+def test_known_model_macs_and_params():
+    model = Known()
+    conv = 10 * 10 * (3 * 3 * 3) * 8
+    grouped = 5 * 5 * (2 * 3 * 3) * 8
+    fc = 200 * 10
+    assert svdtrain.count_macs(model, (1, 3, 10, 10)) == conv + grouped + fc
+    assert svdtrain.count_macs(model, (3, 3, 10, 10)) == 3 * (conv + grouped + fc)
+    assert svdtrain.count_params(model) == (8 * 27 + 8) + 8 * 2 * 9 + (200 * 10 + 10)
+
+
+def test_factored_macs_follow_the_cost_formulas():
+    model = svdtrain.decompose(Known(), mode="spatial")
+    shape = (1, 3, 10, 10)
+    assert svdtrain.count_macs(model, shape, cost="dense") == svdtrain.count_macs(Known(), shape)
+    # conv: matrix (8*3) x (3*3), rank 9; 1x3 first over all 10 input rows, then 3x1
+    conv_spatial = 10 * 10 * (3 * 3 * 9) + 10 * 10 * (3 * 9 * 8)
+    fc_factored = 10 * (200 + 10)
+    grouped = 5 * 5 * (2 * 3 * 3) * 8
+    assert svdtrain.count_macs(model, shape, cost="factored") == conv_spatial + grouped + fc_factored
+    svdtrain.prune(model, keep_energy=1.0)
+    model.conv.set_active(model.conv.active & (model.conv.s.abs() >= model.conv.s.abs().sort().values[-2]))
+    model.fc.set_active(model.fc.active & (model.fc.s.abs() >= model.fc.s.abs().max()))
+    conv2 = 10 * 10 * (3 * 3 * 2) + 10 * 10 * (3 * 2 * 8)
+    assert svdtrain.count_macs(model, shape) == conv2 + grouped + 1 * (200 + 10)
+
+
+def test_strided_spatial_and_channel_costs():
+    layer = svdtrain.SVDConv2d.from_conv(nn.Conv2d(4, 6, (3, 5), stride=2, padding=(1, 2)), mode="spatial")
+    dense, factored = layer.macs((9, 11), rank=3)
+    ho, wo = 5, 6
+    assert dense == ho * wo * 15 * 4 * 6
+    assert factored == 9 * wo * (5 * 4 * 3) + ho * wo * (3 * 3 * 6)
+    layer = svdtrain.SVDConv2d.from_conv(nn.Conv2d(4, 6, 3, stride=2, padding=1))
+    assert layer.macs((9, 11), rank=3) == (5 * 6 * 36 * 6, 5 * 6 * (36 * 3 + 3 * 6))
+
+
+def test_bad_cost_name():
+    with pytest.raises(ValueError, match="cost"):
+        svdtrain.count_macs(Known(), (1, 3, 10, 10), cost="flops")

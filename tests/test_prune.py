@@ -1,0 +1,115 @@
+"""Singular-value pruning on constructed spectra, budgets, and training after pruning."""
+import pytest
+import torch
+from torch import nn
+
+import svdtrain
+from helpers import TinyResNet
+
+
+def _model_with_s(*spectra):
+    model = svdtrain.decompose(nn.Sequential(*[nn.Linear(len(s), len(s)) for s in spectra]))
+    with torch.no_grad():
+        for layer, s in zip(model, spectra):
+            layer.s.copy_(torch.tensor(s, dtype=torch.float32))
+    return model
+
+
+def test_energy_ranks_on_constructed_spectra():
+    # energies 16, 9, 4, 1 of 30: cumulative 0.533, 0.833, 0.967, 1.0
+    model = _model_with_s([2.0, 4.0, 1.0, 3.0])
+    assert svdtrain.prune(model, keep_energy=0.9) == {"0": 3}
+    assert sorted(model[0].s.detach().tolist()) == [0.0, 2.0, 3.0, 4.0]  # the smallest went
+    assert model[0].active.tolist() == [True, True, False, True]
+
+
+@pytest.mark.parametrize("keep,k", [(0.5, 1), (0.53, 1), (0.54, 2), (0.95, 3), (0.97, 4), (1.0, 4)])
+def test_energy_rank_thresholds(keep, k):
+    model = _model_with_s([4.0, 3.0, 2.0, 1.0])
+    assert svdtrain.prune(model, keep_energy=keep)["0"] == k
+
+
+def test_keep_energy_one_keeps_every_nonzero_value():
+    model = _model_with_s([1.0, 1e-10, 0.5, 1e-6], [3.0, 0.0, 1.0])
+    assert svdtrain.prune(model, keep_energy=1.0) == {"0": 4, "1": 2}
+
+
+def test_all_zero_layer_and_ties():
+    model = _model_with_s([0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0])
+    # all-zero: one (zero) value is kept so the layer still exports; ties: exactly half the
+    # energy needs two of the four equal values, the lower indices are kept.
+    assert svdtrain.prune(model, keep_energy=0.5) == {"0": 1, "1": 2}
+    assert model[1].active.tolist() == [True, True, False, False]
+    x = torch.randn(2, 3)
+    assert torch.allclose(model[0](x), model[0].bias.expand(2, 3))
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
+def test_keep_energy_out_of_range_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="keep_energy"):
+        svdtrain.prune(_model_with_s([1.0, 2.0]), keep_energy=bad)
+
+
+def test_pruned_values_do_not_affect_output():
+    lin = nn.Linear(6, 5)
+    model = svdtrain.decompose(nn.Sequential(lin))
+    svdtrain.prune(model, keep_energy=0.7)
+    layer = model[0]
+    idx = layer.active.nonzero().squeeze(1)
+    u, s, v = layer.U.detach()[:, idx], layer.s.detach()[idx], layer.V.detach()[:, idx]
+    x = torch.randn(4, 6)
+    expected = x @ (u @ torch.diag(s) @ v.T).T + lin.bias.detach()
+    for path in ("dense", "factored"):
+        layer.forward_path = path
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_training_after_pruning_keeps_pruned_values_pruned():
+    model = svdtrain.decompose(TinyResNet(), init="random")
+    ranks = svdtrain.prune(model, keep_energy=0.6)
+    masks = {n: m.active.clone() for n, m in svdtrain.svd_layers(model)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.01)
+    for _ in range(3):
+        x, y = torch.randn(4, 3, 12, 12), torch.randint(0, 5, (4,))
+        loss = nn.functional.cross_entropy(model(x), y) + reg(model)
+        opt.zero_grad()
+        loss.backward()
+        for name, layer in svdtrain.svd_layers(model):
+            assert torch.isfinite(layer.U.grad).all() and torch.isfinite(layer.s.grad).all()
+            assert (layer.s.grad[~masks[name]] == 0).all()
+            assert (layer.U.grad[:, ~masks[name]] == 0).all()
+        opt.step()
+    assert svdtrain.ranks(model) == ranks
+    for name, layer in svdtrain.svd_layers(model):
+        assert (layer.s.detach()[~masks[name]] == 0).all()
+        assert torch.equal(layer.active, masks[name])
+
+
+def test_macs_budget_is_met_and_prefers_low_energy_values():
+    model = TinyResNet()
+    with torch.no_grad():  # make the stem exactly rank 1: its other values carry no energy
+        w = torch.randn(8, 1) @ torch.randn(1, 27)
+        model.stem.weight.copy_(w.view(8, 3, 3, 3))
+    svdtrain.decompose(model)
+    shape = (1, 3, 16, 16)
+    dense = svdtrain.count_macs(model, shape, cost="dense")
+    loose = svdtrain.prune(model, macs_budget=0.6, input_shape=shape)
+    assert svdtrain.count_macs(model, shape) <= 0.6 * dense
+    assert loose["stem"] == 1
+    tight = svdtrain.prune(model, macs_budget=0.4, input_shape=shape)
+    assert svdtrain.count_macs(model, shape) <= 0.4 * dense
+    assert all(tight[n] <= loose[n] for n in loose)
+    with pytest.raises(ValueError, match="macs_budget"):
+        svdtrain.prune(model, macs_budget=0.001, input_shape=shape)
+    with pytest.raises(ValueError, match="input_shape"):
+        svdtrain.prune(model, macs_budget=0.5)
+
+
+def test_set_ranks_round_trip():
+    model = svdtrain.decompose(TinyResNet())
+    target = {name: max(1, layer.full_rank // 2) for name, layer in svdtrain.svd_layers(model)}
+    svdtrain.set_ranks(model, target)
+    assert svdtrain.ranks(model) == target
+    with pytest.raises(ValueError, match="lacks"):
+        svdtrain.set_ranks(model, {"nope": 1})
