@@ -57,11 +57,17 @@ def export(model: nn.Module, input_shape=None, trace: bool = True) -> nn.Module:
         return compact
 
 
-def export_program(compact: nn.Module, example_input: torch.Tensor, path=None):
-    """torch.export the compact model (eval mode); optionally save it as a .pt2 file that
-    loads with `torch.export.load(path).module()` and needs no svdtrain."""
+def export_program(compact: nn.Module, example_input: torch.Tensor, path=None, dynamic_batch: bool = True):
+    """torch.export the compact model (eval mode), batch size dynamic unless told otherwise;
+    optionally save it as a .pt2 file that loads with `torch.export.load(path).module()`
+    without svdtrain."""
     compact = compact.eval()
-    program = torch.export.export(compact, (example_input,))
+    dynamic = None
+    if dynamic_batch:
+        if example_input.shape[0] < 2:  # a batch of 1 would be specialised to 1
+            example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
+        dynamic = ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)
+    program = torch.export.export(compact, (example_input,), dynamic_shapes=dynamic)
     if path is not None:
         torch.export.save(program, str(path))
     return program

@@ -1,0 +1,169 @@
+"""Run configuration: plain nested dicts, YAML files, dotted key=value overrides, validation."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+DEFAULTS: dict = {
+    "model": "resnet20",          # resnet20/32/56/110, small_cnn, or tv:<torchvision name>
+    "dataset": "cifar10",         # cifar10 | cifar100 | digits | folder
+    "data_dir": "data",
+    "image_size": 64,             # folder datasets only
+    "decompose": {
+        "enabled": True,          # false: plain dense training (a baseline)
+        "mode": "channel",        # channel | spatial
+        "init": "random",         # random (from scratch) | svd (from dense_checkpoint)
+        "dense_checkpoint": "",   # state_dict file of the dense model, for init: svd
+        "skip": [],               # qualified layer names left dense
+    },
+    "regularizer": {"orth": 1.0, "sparsity": "hoyer", "strength": 0.005},
+    "prune": {"keep_energy": 0.9999, "macs_budget": 0.0},  # macs_budget > 0 replaces keep_energy
+    "epochs": {"orth": 0, "train": 10, "finetune": 2},
+    "optim": {
+        "name": "sgd",            # sgd | adam
+        "lr": 0.2,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,     # never applied to singular values
+        "schedule": "onecycle",   # onecycle | cosine | step | constant
+        "warmup_fraction": 0.25,  # onecycle/cosine: share of steps spent warming up
+        "step_milestones": [0.5, 0.75],
+        "step_gamma": 0.1,
+        "finetune_lr": 0.02,      # fine-tuning: cosine decay from this lr
+    },
+    "batch_size": 128,
+    "eval_batch_size": 1000,
+    "label_smoothing": 0.1,
+    "augment": True,
+    "seed": 0,
+    "threads": 0,                 # CPU threads; 0 = torch's default
+    "device": "auto",             # auto | cpu | cuda
+    "amp": True,                  # CUDA only: bfloat16 autocast
+    "channels_last": True,        # CUDA only
+}
+
+CHOICES = {
+    "dataset": ("cifar10", "cifar100", "digits", "folder"),
+    "decompose.mode": ("channel", "spatial"),
+    "decompose.init": ("random", "svd"),
+    "regularizer.sparsity": ("hoyer", "hoyer_square", "l1", "none"),
+    "optim.name": ("sgd", "adam"),
+    "optim.schedule": ("onecycle", "cosine", "step", "constant"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+# Which stage first uses a key: a finished stage's keys may not change on resume.
+_KEY_STAGE = {"prune.": "prune", "epochs.finetune": "finetune", "optim.finetune_lr": "finetune"}
+_FREE = {"threads", "device", "amp", "channels_last", "eval_batch_size", "data_dir"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line meant for the user."""
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_value(key: str, value, default):
+    if isinstance(value, str) and isinstance(default, float) and not isinstance(default, bool):
+        try:  # YAML 1.1 reads "5e-4" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {type(default).__name__}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}; got {value!r}")
+    return value
+
+
+def _set(cfg: dict, key: str, value) -> None:
+    defaults = flatten(DEFAULTS)
+    if key not in defaults:
+        raise ConfigError(f"unknown config key '{key}'; valid keys: {', '.join(defaults)}")
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = _check_value(key, value, defaults[key])
+
+
+def load_config(path=None, overrides=(), base: dict | None = None) -> dict:
+    """`base` (default: DEFAULTS), updated by a YAML file, then by 'dotted.key=value'
+    overrides whose values are parsed as YAML."""
+    import yaml
+
+    cfg = copy.deepcopy(DEFAULTS if base is None else base)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys")
+        for key, value in flatten(data).items():
+            _set(cfg, key, value)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(cfg, key.strip(), value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    """Cross-field checks that single types cannot express."""
+    e = cfg["epochs"]
+    if min(e.values()) < 0:
+        raise ConfigError("epochs must be >= 0")
+    p = cfg["prune"]
+    if not 0.0 < p["keep_energy"] <= 1.0:
+        raise ConfigError(f"prune.keep_energy must be in (0, 1], got {p['keep_energy']}")
+    if not 0.0 <= p["macs_budget"] <= 1.0:
+        raise ConfigError(f"prune.macs_budget must be in [0, 1] (0 = off), got {p['macs_budget']}")
+    d = cfg["decompose"]
+    if d["enabled"] and d["init"] == "svd" and not d["dense_checkpoint"]:
+        raise ConfigError("decompose.init: svd needs decompose.dense_checkpoint (a dense state_dict file)")
+    if cfg["batch_size"] < 1 or cfg["eval_batch_size"] < 1:
+        raise ConfigError("batch sizes must be >= 1")
+
+
+def key_stage(key: str) -> str | None:
+    """The first pipeline stage that reads `key` (None: free to change at any time)."""
+    if key in _FREE:
+        return None
+    for prefix, stage in _KEY_STAGE.items():
+        if key.startswith(prefix):
+            return stage
+    return "orth"
+
+
+def diff(a: dict, b: dict) -> list[str]:
+    fa, fb = flatten(a), flatten(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))

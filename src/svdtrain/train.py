@@ -1,0 +1,519 @@
+"""The SVD-training pipeline: train -> prune -> fine-tune -> export -> report, resumable.
+
+A run lives in one output directory. `checkpoint.pt` (written atomically after every
+epoch) holds the model, optimizer, scheduler, RNG states, metrics and the stage reached,
+so rerunning the same command resumes where a killed run stopped, with the same result.
+
+Stages, in order:
+  orth      train with the orthogonality term only (epochs.orth; often 0)
+  train     train with orthogonality + sparsity (dense runs: plain training)
+  prune     remove singular values by energy (prune.keep_energy) or to a MACs budget
+  finetune  ranks fixed, sparsity off, orthogonality on
+  export    compact.pt2 (torch.export, loads without svdtrain), model_state.pt, ranks.json
+  report    summary.json, report.md and plots
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import config as config_mod
+from .data import BatchLoader, load_dataset
+from .decompose import decompose
+from .export import export, export_program
+from .layers import svd_layers, unwrap
+from .losses import Regularizer, param_groups
+from .macs import count_macs, count_params, profile
+from .models import build_model
+from .prune import energy_rank, prune, ranks
+
+STAGES = ("orth", "train", "prune", "finetune", "export", "report")
+TRAIN_STAGES = ("orth", "train", "finetune")
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "svdtrain-run"
+
+
+class RunError(RuntimeError):
+    """A run cannot go on; the message is one line meant for the user."""
+
+
+# ----------------------------------------------------------------------------- setup
+def setup_distributed(device_name: str):
+    """(rank, world_size, device); joins the torchrun process group when launched by it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise RunError("device: cuda was asked for but no CUDA device is available")
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def input_shape(data) -> tuple[int, int, int, int]:
+    return (1, data.in_channels, data.image_size, data.image_size)
+
+
+def build_run_model(cfg: dict, data) -> nn.Module:
+    """The model of a run, in SVD form unless decompose.enabled is false."""
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg["model"], num_classes=data.num_classes, in_channels=data.in_channels)
+    d = cfg["decompose"]
+    if d["enabled"]:
+        if d["init"] == "svd":
+            path = Path(d["dense_checkpoint"])
+            if not path.is_file():
+                raise RunError(f"decompose.dense_checkpoint not found: {path}")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as err:
+                raise RunError(f"{path} does not fit model {cfg['model']}: "
+                               f"{str(err).splitlines()[0]}") from None
+        decompose(model, mode=d["mode"], init=d["init"], skip=d["skip"] or None)
+    return model
+
+
+def _sparsity(cfg: dict, stage: str) -> tuple[str | None, float]:
+    r = cfg["regularizer"]
+    if stage != "train" or r["sparsity"] == "none":
+        return None, 0.0
+    return r["sparsity"], r["strength"]
+
+
+def make_optimizer(model: nn.Module, cfg: dict, stage: str):
+    o = cfg["optim"]
+    lr = o["finetune_lr"] if stage == "finetune" else o["lr"]
+    groups = param_groups(model, o["weight_decay"])
+    if o["name"] == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"] and o["momentum"] > 0)
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def lr_factor(cfg: dict, stage: str, step: int, total: int) -> float:
+    """Multiplier of the stage's base lr at `step` of `total` (fine-tuning: cosine)."""
+    o = cfg["optim"]
+    t = step / max(1, total)
+    kind = "cosine" if stage == "finetune" else o["schedule"]
+    warm = 0.0 if stage == "finetune" else o["warmup_fraction"]
+    if kind == "constant":
+        return 1.0
+    if kind == "step":
+        return o["step_gamma"] ** sum(t >= m for m in o["step_milestones"])
+    if t < warm:  # linear warm-up from 1/25 of the peak, as one-cycle does
+        return 0.04 + 0.96 * t / warm
+    u = (t - warm) / max(1e-12, 1.0 - warm)
+    return 1.0 - u if kind == "onecycle" else 0.5 * (1.0 + math.cos(math.pi * u))
+
+
+# ----------------------------------------------------------------------------- epochs
+def evaluate(model: nn.Module, loader: BatchLoader, world: int = 1) -> float:
+    """Top-1 accuracy (0..1) on the loader's data, summed over all ranks."""
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64, device=loader.device)
+    with torch.no_grad():
+        for x, y in loader:
+            correct[0] += (model(x).argmax(1) == y).sum()
+            correct[1] += y.numel()
+    if world > 1:
+        dist.all_reduce(correct)
+    return float(correct[0] / correct[1].clamp_min(1))
+
+
+def train_epoch(model, loader, opt, sched, reg, cfg: dict, device, *, desc="train", quiet=False, world=1,
+                where="training", on_backward=None, on_step=None) -> dict:
+    """One epoch of `task loss + reg(model)`; returns mean task loss, train accuracy and the
+    mean of each regularizer term. on_backward(model) runs between backward() and step()
+    (e.g. TRP's nuclear-norm subgradient), on_step(model) after each step."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    cuda = torch.device(device).type == "cuda"
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss * n, correct, n, steps
+    reg_sums: dict[str, torch.Tensor] = {}
+    bar = tqdm(loader, desc=desc, leave=False, disable=quiet)
+    for i, (x, y) in enumerate(bar):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg["amp"]):
+            out = model(x)
+            task = F.cross_entropy(out.float(), y, label_smoothing=cfg["label_smoothing"])
+        loss = task + reg(model) if reg is not None else task
+        if not torch.isfinite(loss):
+            raise RunError(f"non-finite loss in {where}, step {i + 1}; the last good checkpoint is kept")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if on_backward is not None:
+            on_backward(model)
+        opt.step()
+        sched.step()
+        if on_step is not None:
+            on_step(model)
+        n = y.numel()
+        sums += torch.stack([task.detach().double() * n, (out.argmax(1) == y).sum().double(),
+                             sums.new_tensor(n), sums.new_tensor(1.0)])
+        for k, v in (reg.last.items() if reg is not None else ()):
+            reg_sums[k] = reg_sums.get(k, 0.0) + v.double()
+        if i % 20 == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{task.item():.3f}")
+    if world > 1:
+        dist.all_reduce(sums)
+        sums[3] /= world
+    stats = {"task_loss": float(sums[0] / sums[2]), "train_accuracy": float(sums[1] / sums[2])}
+    stats.update({k: float(v / sums[3]) for k, v in reg_sums.items()})
+    return stats
+
+
+def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpoint=None, quiet=False,
+        on_backward=None, on_step=None, log=print) -> list[dict]:
+    """Train any model for `epochs` with the run config's optimizer, schedule and augmentation
+    (single process): the loop the benchmarks use for baselines. With `checkpoint`, state is
+    saved after every epoch and a rerun resumes from it. Returns per-epoch metrics."""
+    device = torch.device("cuda" if cfg["device"] == "cuda" else "cpu")
+    model.to(device)
+    loader = BatchLoader(data.x_train, data.y_train, cfg["batch_size"], train=True, augment=cfg["augment"],
+                         seed=cfg["seed"], mean=data.mean, std=data.std, device=device)
+    test = BatchLoader(data.x_test, data.y_test, cfg["eval_batch_size"], train=False,
+                       mean=data.mean, std=data.std, device=device)
+    opt = make_optimizer(model, cfg, stage)
+    total = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, stage, i, total))
+    state = {"epoch": 0, "metrics": []}
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        set_rng_state(state["rng"])
+    for epoch in range(state["epoch"], epochs):
+        t0 = time.perf_counter()
+        loader.set_epoch(STAGES.index(stage) * 10_000 + epoch)
+        stats = train_epoch(model, loader, opt, sched, reg, cfg, device, desc=f"{stage} {epoch + 1}/{epochs}",
+                            quiet=quiet, on_backward=on_backward, on_step=on_step)
+        stats.update(stage=stage, epoch=epoch + 1, test_accuracy=evaluate(model, test),
+                     seconds=round(time.perf_counter() - t0, 3))
+        state["metrics"].append(stats)
+        if not quiet:
+            log(f"[{stage} {epoch + 1}/{epochs}] loss {stats['task_loss']:.3f} test {stats['test_accuracy']:.2%}")
+        if ckpt is not None:
+            state.update(epoch=epoch + 1, model=model.state_dict(), opt=opt.state_dict(),
+                         sched=sched.state_dict(), rng=rng_state())
+            atomic_save(state, ckpt)
+    return state["metrics"]
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temp file, then rename: a kill leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the run
+class Run:
+    """One pipeline run in `out_dir`; create with a config, or resume what is there."""
+
+    def __init__(self, out_dir, cfg: dict | None = None, quiet: bool = False, log=print):
+        self.out = Path(out_dir)
+        self.quiet, self.log = quiet, log
+        self.rank, self.world, self.device = 0, 1, torch.device("cpu")
+        self.state = self._load_or_create(cfg)
+        self.cfg = self.state["config"]
+
+    # ----- checkpoint -----
+    def _load_or_create(self, cfg):
+        path = self.out / CHECKPOINT
+        if path.exists():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as err:
+                raise RunError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
+                               "it was left untouched: move it away or use another --out") from None
+            if not isinstance(state, dict) or state.get("format") != FORMAT:
+                raise RunError(f"{path} is not an svdtrain run checkpoint; it was left untouched")
+            if cfg is not None:
+                self._merge_config(state, cfg)
+            return state
+        if cfg is None:
+            raise RunError(f"no run in {self.out} (no {CHECKPOINT}); start one with `svdtrain run CONFIG --out {self.out}`")
+        if self.out.exists() and any(self.out.iterdir()):
+            raise RunError(f"{self.out} is not empty and holds no svdtrain run; choose a new --out")
+        return {"format": FORMAT, "version": 1, "config": cfg, "stage": STAGES[0], "epoch": 0,
+                "step": 0, "done": [], "model": None, "optimizer": None, "rng": None,
+                "metrics": [], "info": {}}
+
+    @staticmethod
+    def _merge_config(state, cfg):
+        changed = config_mod.diff(state["config"], cfg)
+        done = set(state["done"]) | ({state["stage"]} if state["epoch"] else set())
+        locked = [k for k in changed if config_mod.key_stage(k) in done]
+        if locked:
+            raise RunError(f"the run already passed the stage that uses {', '.join(locked)}; "
+                           "these cannot change on resume (use a new --out)")
+        state["config"] = cfg
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_save(self.state, self.out / CHECKPOINT)
+        lines = "".join(json.dumps(m) + "\n" for m in self.state["metrics"])
+        atomic_write_text(self.out / "metrics.jsonl", lines)
+
+    # ----- setup -----
+    def _setup(self):
+        cfg = self.cfg
+        if cfg["threads"]:
+            torch.set_num_threads(cfg["threads"])
+        self.rank, self.world, self.device = setup_distributed(cfg["device"])
+        self.cuda = self.device.type == "cuda"
+        try:
+            self.data = load_dataset(cfg["dataset"], cfg["data_dir"], **(
+                {"image_size": cfg["image_size"]} if cfg["dataset"] == "folder" else {}))
+        except (FileNotFoundError, ValueError) as err:
+            raise RunError(str(err).splitlines()[0]) from None
+        self.shape = input_shape(self.data)
+        model = build_run_model(cfg, self.data)
+        if self.state["model"] is None:
+            info = self.state["info"]
+            info["dense_macs"] = count_macs(model, self.shape, cost="dense")
+            info["dense_params"] = count_params(model, cost="dense")
+            info["layer_shapes"] = {n: [l.rows, l.cols] for n, l in svd_layers(model)}
+        else:
+            model.load_state_dict(self.state["model"])
+        self.model = model.to(self.device)
+        if self.cuda and cfg["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.is_svd = any(True for _ in svd_layers(self.model))
+        d = self.data
+        common = dict(mean=d.mean, std=d.std, rank=self.rank, world_size=self.world, device=self.device,
+                      channels_last=self.cuda and cfg["channels_last"])
+        self.train_loader = BatchLoader(d.x_train, d.y_train, cfg["batch_size"], train=True,
+                                        augment=cfg["augment"], seed=cfg["seed"], **common)
+        self.test_loader = BatchLoader(d.x_test, d.y_test, cfg["eval_batch_size"], train=False, **common)
+        if self.state["rng"] is None:
+            torch.manual_seed(cfg["seed"])
+            np.random.seed(cfg["seed"])
+            random.seed(cfg["seed"])
+        else:
+            set_rng_state(self.state["rng"])
+
+    def _ddp(self):
+        if self.world == 1:
+            return self.model
+        return nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.cuda else None)
+
+    # ----- stages -----
+    def require_before(self, stage: str) -> None:
+        """A stage command runs only once the stages before it are done."""
+        missing = [s for s in STAGES[: STAGES.index(stage)] if s not in self.state["done"]]
+        if missing:
+            raise RunError(f"stage '{stage}' needs '{missing[0]}' first (or `svdtrain run` for all stages)")
+        if stage in self.state["done"]:
+            raise RunError(f"stage '{stage}' is already done in {self.out}")
+
+    def execute(self, until: str = "report") -> dict | None:
+        """Run every stage not done yet, up to and including `until`."""
+        self._setup()
+        last = STAGES.index(until)
+        for stage in STAGES[: last + 1]:
+            if stage in self.state["done"]:
+                continue
+            if self.state["stage"] != stage:
+                self.state.update(stage=stage, epoch=0, optimizer=None)
+            getattr(self, f"_stage_{stage}")()
+            self.state["done"].append(stage)
+            self.state.update(epoch=0, optimizer=None)
+            self.state["model"] = unwrap(self.model).state_dict()
+            self.save()
+        if self.world > 1:
+            dist.barrier()
+        return self.state["info"].get("summary")
+
+    def _epochs(self, stage):
+        if stage != "finetune" and not self.is_svd and stage == "orth":
+            return 0
+        if stage == "finetune" and not self.is_svd:
+            return 0
+        return self.cfg["epochs"][stage]
+
+    def _stage_orth(self):
+        self._train_stage("orth")
+
+    def _stage_train(self):
+        if self.is_svd and "spectra_before" not in self.state["info"]:
+            self.state["info"]["spectra_before"] = spectra(self.model)
+        self._train_stage("train")
+        if self.is_svd:
+            self.state["info"]["spectra_after"] = spectra(self.model)
+        self.state["info"]["accuracy_trained"] = evaluate(self.model, self.test_loader, self.world)
+
+    def _train_stage(self, stage):
+        epochs = self._epochs(stage)
+        if epochs == 0:
+            return
+        cfg = self.cfg
+        ddp = self._ddp()
+        sparsity, strength = _sparsity(cfg, stage)
+        reg = Regularizer(orth=cfg["regularizer"]["orth"] if self.is_svd else 0.0,
+                          sparsity=sparsity if self.is_svd else None, strength=strength)
+        opt = make_optimizer(self.model, cfg, stage)
+        total = epochs * len(self.train_loader)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, stage, i, total))
+        if self.state["optimizer"] is not None:
+            opt.load_state_dict(self.state["optimizer"]["opt"])
+            sched.load_state_dict(self.state["optimizer"]["sched"])
+        stage_seed = STAGES.index(stage) * 10_000
+        for epoch in range(self.state["epoch"], epochs):
+            t0 = time.perf_counter()
+            self.train_loader.set_epoch(stage_seed + epoch)
+            stats = train_epoch(ddp, self.train_loader, opt, sched, reg, cfg, self.device,
+                                desc=f"{stage} {epoch + 1}/{epochs}", quiet=self.quiet or self.rank != 0,
+                                world=self.world, where=f"stage '{stage}', epoch {epoch + 1}",
+                                on_step=self._count_step)
+            stats["test_accuracy"] = evaluate(self.model, self.test_loader, self.world)
+            stats.update(stage=stage, epoch=epoch + 1, lr=opt.param_groups[0]["lr"],
+                         seconds=round(time.perf_counter() - t0, 3), **self._rank_stats())
+            self.state["metrics"].append(stats)
+            self.state.update(epoch=epoch + 1, model=unwrap(self.model).state_dict(),
+                              optimizer={"opt": opt.state_dict(), "sched": sched.state_dict()},
+                              rng=rng_state())
+            self.save()
+            if not self.quiet and self.rank == 0:
+                self.log(f"[{stage} {epoch + 1}/{epochs}] loss {stats['task_loss']:.3f} "
+                         f"train {stats['train_accuracy']:.2%} test {stats['test_accuracy']:.2%} "
+                         f"{stats['seconds']:.0f}s")
+
+    def _count_step(self, model):
+        self.state["step"] += 1
+
+    def _rank_stats(self) -> dict:
+        """Mean rank and deploy MACs if pruned now at prune.keep_energy (SVD runs only)."""
+        if not self.is_svd:
+            return {}
+        keep = self.cfg["prune"]["keep_energy"]
+        if not hasattr(self, "_profile"):
+            self._profile = profile(self.model, self.shape)
+        total, rank_list = 0, []
+        for rec in self._profile:
+            if hasattr(rec.module, "active"):
+                k = energy_rank(rec.module.s.detach()[rec.module.active], keep)
+                rank_list.append(k)
+                total += rec.macs(rank=k)
+            else:
+                total += rec.macs()
+        return {"mean_rank": sum(rank_list) / len(rank_list), "macs_at_threshold": total}
+
+    def _stage_prune(self):
+        info = self.state["info"]
+        if not self.is_svd:
+            return
+        p = self.cfg["prune"]
+        if p["macs_budget"] > 0:
+            info["ranks"] = prune(self.model, macs_budget=p["macs_budget"], input_shape=self.shape)
+        else:
+            info["ranks"] = prune(self.model, keep_energy=p["keep_energy"])
+        info["accuracy_pruned"] = evaluate(self.model, self.test_loader, self.world)
+        info["macs_pruned"] = count_macs(self.model, self.shape)
+        self.state["metrics"].append({"stage": "prune", "epoch": 0, "test_accuracy": info["accuracy_pruned"],
+                                      "macs": info["macs_pruned"], "mean_rank": _mean(info["ranks"])})
+        if not self.quiet and self.rank == 0:
+            self.log(f"[prune] ranks {list(info['ranks'].values())} -> test {info['accuracy_pruned']:.2%}, "
+                     f"MACs {info['macs_pruned'] / info['dense_macs']:.1%} of dense")
+
+    def _stage_finetune(self):
+        self._train_stage("finetune")
+
+    def _stage_export(self):
+        info = self.state["info"]
+        info["accuracy"] = evaluate(self.model, self.test_loader, self.world)
+        info["macs"] = count_macs(self.model, self.shape)
+        info["params"] = count_params(self.model)
+        if self.rank != 0:
+            return
+        model = unwrap(self.model).to("cpu").eval()
+        atomic_save(model.state_dict(), self.out / "model_state.pt")
+        atomic_write_text(self.out / "ranks.json", json.dumps(ranks(model), indent=1) + "\n")
+        compact = export(model, input_shape=self.shape).eval()
+        example = torch.zeros((2,) + self.shape[1:])
+        tmp = self.out / "compact.tmp.pt2"
+        export_program(compact, example, tmp, dynamic_batch=True)
+        os.replace(tmp, self.out / "compact.pt2")
+        self.model.to(self.device)
+
+    def _stage_report(self):
+        info = self.state["info"]
+        summary = {
+            "accuracy": info["accuracy"],
+            "dense_accuracy": info.get("dense_accuracy"),
+            "accuracy_trained": info.get("accuracy_trained"),
+            "accuracy_pruned": info.get("accuracy_pruned"),
+            "macs": info["macs"], "dense_macs": info["dense_macs"],
+            "macs_ratio": info["macs"] / info["dense_macs"],
+            "params": info["params"], "dense_params": info["dense_params"],
+            "ranks": info.get("ranks", {}),
+            "keep_energy": self.cfg["prune"]["keep_energy"] if self.is_svd else None,
+            "macs_budget": self.cfg["prune"]["macs_budget"] or None,
+            "model": self.cfg["model"], "dataset": self.cfg["dataset"],
+            "train_seconds": sum(m.get("seconds", 0.0) for m in self.state["metrics"]),
+        }
+        info["summary"] = summary
+        if self.rank != 0:
+            return
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        from .report import write_report
+        write_report(self.out, summary, self.state["metrics"], info, self.cfg)
+
+
+def _mean(d: dict) -> float:
+    return sum(d.values()) / max(1, len(d))
+
+
+def spectra(model: nn.Module) -> dict[str, list[float]]:
+    """Active singular values of each SVD layer, descending."""
+    return {n: sorted(l.s.detach()[l.active].abs().cpu().tolist(), reverse=True)
+            for n, l in svd_layers(model)}
+
+
+def load_run_model(out_dir) -> nn.Module:
+    """Rebuild a finished run's SVD-form model from its config and model_state.pt."""
+    out = Path(out_dir)
+    state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+    cfg = dict(state["config"], decompose=dict(state["config"]["decompose"], init="random"))
+    data = load_dataset(cfg["dataset"], cfg["data_dir"])
+    model = build_run_model(cfg, data)
+    model.load_state_dict(torch.load(out / "model_state.pt", map_location="cpu", weights_only=True))
+    return model.eval()
