@@ -27,7 +27,7 @@ import svdtrain
 from svdtrain.models import build_model
 
 
-def make_step(model, extra_loss=None, after_step=None):
+def make_step(model, extra_loss=None, after_backward=None, after_step=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     count = [0]
 
@@ -37,6 +37,8 @@ def make_step(model, extra_loss=None, after_step=None):
             loss = loss + extra_loss(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         opt.step()
         count[0] += 1
         if after_step is not None:
@@ -63,7 +65,7 @@ def build_steps(name: str, methods: list[str], trp_every: int):
         elif method == "trp":
             from svdtrain.baselines import TRP
             trp = TRP(model, every=trp_every, keep_energy=0.98, nuclear=3e-4)
-            steps[method] = make_step(model, after_step=lambda m, i: trp.step(i))
+            steps[method] = make_step(model, after_backward=trp.regularize, after_step=lambda m, i: trp.step(i))
         else:
             raise SystemExit(f"unknown method {method!r}")
     return steps

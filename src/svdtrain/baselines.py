@@ -184,22 +184,25 @@ class TRP:
             trp.step(i)             # every `every` steps: truncate every weight in place
         ranks = trp.to_svd_model()  # svdtrain SVD form at those ranks: fine-tune / export
 
-    every (m, default 20): optimizer steps between truncations.
+    every (m, default 20): optimizer steps between truncations (the reference CIFAR
+        script truncates at every iteration, i.e. every=1; larger m is cheaper).
     keep_energy (e, default 0.98): each truncation keeps, per weight, the fewest largest
-        singular values whose squares hold >= e of the energy (`svdtrain.prune.energy_rank`).
+        singular values whose squares hold >= e of the energy (`svdtrain.prune.energy_rank`;
+        the reference CIFAR script uses 0.99).
     nuclear (lambda, default 3e-4, the reference code's weight; 0 turns it off): weight of
         the nuclear norm sum ||W||_*, applied as its subgradient lambda * U_k V_k^T.
+    The defaults are those of our benchmarks (benchmarks/train_cost.py).
     mode: the matrix view, "channel" (n x c*kh*kw) or "spatial" ((n*kh) x (c*kw), as
         `SVDConv2d`); 1x1 convs and Linear layers always use their plain matrix.
     skip: layers left alone (names or predicate, as in `decompose`). Eligible: nn.Linear
         and nn.Conv2d with groups=1 (the reference code also skips the first conv).
 
-    The subgradient needs an SVD. We reuse the truncation's: `regularize()` acts on the
-    step right after each truncation, when W is exactly U_k S_k V_k^T and U_k V_k^T is its
-    exact (minimal-norm) subgradient, at the cost of one small matmul per layer. So the
-    nuclear term acts once every m steps, not every step as in the paper; raise `nuclear`
-    (or use every=1) for a stronger pull. Without `regularize()` calls, TRP is the
-    truncation alone. `step(i)` costs nothing on the other steps.
+    The subgradient needs an SVD. We reuse the truncation's, as the reference code does:
+    `regularize()` acts on the step right after each truncation, when W is exactly
+    U_k S_k V_k^T and U_k V_k^T is its exact (minimal-norm) subgradient, at the cost of one
+    small matmul per layer. So with m > 1 the nuclear term acts once every m steps; raise
+    `nuclear` (or use every=1) for a stronger pull. Without `regularize()` calls, TRP is
+    the truncation alone. `step(i)` costs nothing on the other steps.
     """
 
     def __init__(self, model: nn.Module, every: int = 20, keep_energy: float = 0.98,
@@ -231,8 +234,9 @@ class TRP:
 
     def regularize(self) -> bool:
         """Add nuclear * U_k V_k^T to each weight's .grad; call between backward() and
-        optimizer.step(). Acts only on the step right after a truncation (see the class
-        docstring); returns whether it did."""
+        optimizer.step() (with a GradScaler: after scaler.unscale_(optimizer)). Acts only
+        on the step right after a truncation (see the class docstring); returns whether
+        it did."""
         self._check_live()
         if self.nuclear == 0 or not self._factors:
             return False

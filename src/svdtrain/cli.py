@@ -55,7 +55,14 @@ def _result_line(summary: dict, out: Path) -> str:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come after options (`run cfg.yaml --out d optim.lr=0.1`), which a
+    # nargs="*" positional alone does not accept: collect the leftovers as overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return _dispatch(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:

@@ -117,6 +117,7 @@ def set_ranks(model: nn.Module, rank_config: dict[str, int]) -> None:
     if unknown:
         raise ValueError(f"rank config names layers the model lacks: {sorted(unknown)[:5]}")
     for name, k in rank_config.items():
-        if not 1 <= int(k) <= layers[name].full_rank:
-            raise ValueError(f"rank {k} for {name} is outside 1..{layers[name].full_rank}")
+        if not 1 <= int(k) <= layers[name].rank:
+            # Pruned values were zeroed: they cannot come back.
+            raise ValueError(f"rank {k} for {name} is outside 1..{layers[name].rank} (its current rank)")
         _keep_top(layers[name], int(k))

@@ -1,0 +1,194 @@
+"""The CLI pipeline end to end on tiny generated CIFAR-format data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from svdtrain.data import write_fake_cifar
+
+TINY = """
+model: small_cnn
+dataset: cifar10
+data_dir: {data}
+batch_size: 32
+eval_batch_size: 64
+threads: 1
+decompose: {{mode: channel, init: random}}
+regularizer: {{orth: 1.0, sparsity: hoyer, strength: 0.02}}
+prune: {{keep_energy: 0.999}}
+epochs: {{orth: 1, train: 2, finetune: 1}}
+optim: {{lr: 0.05, schedule: onecycle, finetune_lr: 0.01}}
+"""
+OUTPUTS = ["checkpoint.pt", "metrics.jsonl", "summary.json", "compact.pt2", "model_state.pt", "ranks.json",
+           "report.md", "stages.png", "spectra.png", "ranks.png"]
+
+
+def cli(*args, check=True, env=None, **kw):
+    out = subprocess.run([sys.executable, "-m", "svdtrain", *map(str, args)], capture_output=True, text=True,
+                         env=env, **kw)
+    if check:
+        assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    write_fake_cifar(root / "data", n_train=192, n_test=96)
+    cfg = root / "tiny.yaml"
+    cfg.write_text(TINY.format(data=root / "data"))
+    return root, cfg
+
+
+@pytest.fixture(scope="module")
+def finished(tiny):
+    root, cfg = tiny
+    out = root / "run"
+    cli("run", cfg, "--out", out, "--quiet")
+    return out
+
+
+def test_run_writes_every_output(finished):
+    for name in OUTPUTS:
+        assert (finished / name).is_file(), name
+    summary = json.loads((finished / "summary.json").read_text())
+    for key in ("accuracy", "dense_accuracy", "macs", "dense_macs", "params", "dense_params", "ranks", "keep_energy"):
+        assert key in summary
+    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["macs"] <= summary["dense_macs"]
+    stages = [json.loads(line)["stage"] for line in (finished / "metrics.jsonl").read_text().splitlines()]
+    assert stages == ["orth", "train", "train", "prune", "finetune"]
+    assert json.loads((finished / "ranks.json").read_text()) == summary["ranks"]
+
+
+def test_rerun_of_finished_run_changes_nothing(finished, tiny):
+    before = (finished / "summary.json").read_text()
+    out = cli("run", tiny[1], "--out", finished, "--quiet")
+    assert "top-1" in out.stdout
+    assert (finished / "summary.json").read_text() == before
+
+
+BLOCKED_EVAL = """
+import sys, torch
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "svdtrain":
+            raise ImportError("svdtrain imported")
+sys.meta_path.insert(0, Block())
+m = torch.export.load(sys.argv[1]).module()
+x, y = torch.load(sys.argv[2])
+print(float((m(x).argmax(1) == y).float().mean()))
+"""
+
+
+def test_compact_pt2_loads_without_svdtrain_and_matches_accuracy(finished, tiny, tmp_path):
+    from svdtrain.data import load_cifar
+    data = load_cifar(tiny[0] / "data")
+    x = (data.x_test.float() / 255 - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
+    torch.save((x, data.y_test), tmp_path / "test.pt")
+    out = subprocess.run([sys.executable, "-c", BLOCKED_EVAL, str(finished / "compact.pt2"), str(tmp_path / "test.pt")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((finished / "summary.json").read_text())
+    assert float(out.stdout) == pytest.approx(summary["accuracy"], abs=1e-6)  # float32 mean
+    ev = json.loads(cli("evaluate", "--out", finished).stdout)
+    assert ev["compact_accuracy"] == pytest.approx(summary["accuracy"], abs=1e-9)
+    assert ev["model_accuracy"] == pytest.approx(summary["accuracy"], abs=1e-9)
+
+
+def test_stage_commands(tiny):
+    root, cfg = tiny
+    out = root / "stages"
+    cli("train", cfg, "--out", out, "--quiet")
+    assert not (out / "summary.json").exists()
+    bad = cli("finetune", "--out", out, check=False)
+    assert bad.returncode == 2 and "needs 'prune' first" in bad.stderr
+    cli("prune", "--out", out, "prune.keep_energy=0.99")
+    cli("finetune", "--out", out, "--quiet")
+    locked = cli("export", "--out", out, "prune.keep_energy=0.5", check=False)
+    assert locked.returncode == 2 and "prune.keep_energy" in locked.stderr
+    cli("export", "--out", out)
+    cli("report", "--out", out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["keep_energy"] == 0.99
+
+
+@pytest.mark.parametrize("args,message", [
+    (["optim.lrr=0.1"], "unknown config key 'optim.lrr'; valid keys:"),
+    (["optim.lr=fast"], "config key 'optim.lr' must be float"),
+    (["decompose.mode=diagonal"], "must be one of channel, spatial"),
+    (["prune.keep_energy=1.5"], "keep_energy must be in (0, 1]"),
+    (["lr"], "not of the form key=value"),
+])
+def test_config_errors_are_one_line(tiny, tmp_path, args, message):
+    out = cli("run", tiny[1], "--out", tmp_path / "x", *args, check=False)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_data_and_config_files(tmp_path, tiny):
+    out = cli("run", tmp_path / "nope.yaml", "--out", tmp_path / "x", check=False)
+    assert out.returncode == 2 and "config file not found" in out.stderr
+    out = cli("run", tiny[1], "--out", tmp_path / "y", f"data_dir={tmp_path}", check=False)
+    assert out.returncode == 2 and "svdtrain download cifar10" in out.stderr
+
+
+def test_corrupt_or_foreign_checkpoint_is_left_alone(tiny, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    res = cli("run", tiny[1], "--out", out, check=False)
+    assert res.returncode == 2 and "not a readable checkpoint" in res.stderr
+    assert (out / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+    torch.save({"epoch": 3}, out / "checkpoint.pt")
+    res = cli("run", tiny[1], "--out", out, check=False)
+    assert res.returncode == 2 and "not an svdtrain run checkpoint" in res.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text("{}")
+    res = cli("run", tiny[1], "--out", other, check=False)
+    assert res.returncode == 2 and "not empty" in res.stderr
+    assert (other / "results.json").read_text() == "{}"
+
+
+def test_changed_config_of_a_started_run_is_refused(finished, tiny):
+    res = cli("run", tiny[1], "--out", finished, "optim.lr=0.3", check=False)
+    assert res.returncode == 2 and "optim.lr" in res.stderr
+
+
+def test_non_finite_loss_stops_with_stage_and_step(tiny, tmp_path):
+    out = tmp_path / "nan"
+    res = cli("run", tiny[1], "--out", out, "optim.lr=1e30", "epochs.orth=0", "--quiet", check=False)
+    assert res.returncode == 2
+    assert "non-finite loss" in res.stderr and "stage 'train'" in res.stderr and "step" in res.stderr
+
+
+def _final(out):
+    s = json.loads((out / "summary.json").read_text())
+    return s["accuracy"], s["ranks"], s["macs"], [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_sigkill_gives_identical_result(finished, tiny, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "svdtrain", "run", str(tiny[1]), "--out", str(out), "--quiet"]
+    for lines_before_kill in (1, 3):  # kill in the orth stage, then in the train stage
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        metrics = out / "metrics.jsonl"
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= lines_before_kill:
+                break
+            time.sleep(0.02)
+        time.sleep(0.15)  # land somewhere inside the next epoch
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "summary.json").exists()
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert _final(out) == _final(finished)
