@@ -192,3 +192,18 @@ def test_resume_after_sigkill_gives_identical_result(finished, tiny, tmp_path):
     assert not (out / "summary.json").exists()
     subprocess.run(cmd, check=True, capture_output=True)
     assert _final(out) == _final(finished)
+
+
+def test_dense_run_then_svd_init_from_its_checkpoint(tiny, tmp_path):
+    root, cfg = tiny
+    dense = tmp_path / "dense"
+    cli("run", cfg, "--out", dense, "--quiet", "decompose.enabled=false", "epochs.orth=0", "epochs.finetune=0")
+    d = json.loads((dense / "summary.json").read_text())
+    assert d["macs"] == d["dense_macs"] and d["ranks"] == {}
+    svd = tmp_path / "svd"
+    cli("run", cfg, "--out", svd, "--quiet", "decompose.init=svd", f"decompose.dense_checkpoint={dense / 'model_state.pt'}",
+        "epochs.orth=0", "epochs.train=0", "prune.macs_budget=0.5", "epochs.finetune=1")
+    s = json.loads((svd / "summary.json").read_text())
+    # svd init computes what the dense model computes: the same accuracy, before any training
+    assert s["dense_accuracy"] == pytest.approx(d["accuracy"], abs=1e-9)
+    assert s["macs"] <= 0.5 * s["dense_macs"]

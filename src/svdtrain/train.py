@@ -218,6 +218,20 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
     return state["metrics"]
 
 
+def replica_spread(model: nn.Module) -> float:
+    """Max minus min over ranks of a checksum of all parameters and buffers: 0.0 when every
+    replica holds the same model (DDP must keep them identical, regularizer included)."""
+    total = sum(t.detach().double().sum() for t in unwrap(model).state_dict().values()
+                if t.is_floating_point())
+    hi, lo = total.clone().reshape(1), (-total).reshape(1)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MAX)
+    spread = float(hi + lo)
+    if spread > 1e-6 * max(1.0, abs(float(total))):
+        raise RunError(f"DDP replicas diverged (parameter checksum spread {spread:.3g})")
+    return spread
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -252,7 +266,12 @@ class Run:
         self.out = Path(out_dir)
         self.quiet, self.log = quiet, log
         self.rank, self.world, self.device = 0, 1, torch.device("cpu")
+        if cfg is not None or (self.out / CHECKPOINT).exists():
+            device = cfg["device"] if cfg is not None else "auto"
+            self.rank, self.world, self.device = setup_distributed(device)
         self.state = self._load_or_create(cfg)
+        if self.world > 1:
+            dist.barrier()  # every rank has read the run dir before rank 0 writes to it
         self.cfg = self.state["config"]
 
     # ----- checkpoint -----
@@ -300,7 +319,7 @@ class Run:
         cfg = self.cfg
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
-        self.rank, self.world, self.device = setup_distributed(cfg["device"])
+        self.rank, self.world, self.device = setup_distributed(cfg["device"])  # a resumed run's device
         self.cuda = self.device.type == "cuda"
         try:
             self.data = load_dataset(cfg["dataset"], cfg["data_dir"], **(
@@ -314,6 +333,7 @@ class Run:
             info["dense_macs"] = count_macs(model, self.shape, cost="dense")
             info["dense_params"] = count_params(model, cost="dense")
             info["layer_shapes"] = {n: [l.rows, l.cols] for n, l in svd_layers(model)}
+            self._measure_dense = cfg["decompose"]["enabled"] and cfg["decompose"]["init"] == "svd"
         else:
             model.load_state_dict(self.state["model"])
         self.model = model.to(self.device)
@@ -326,6 +346,10 @@ class Run:
         self.train_loader = BatchLoader(d.x_train, d.y_train, cfg["batch_size"], train=True,
                                         augment=cfg["augment"], seed=cfg["seed"], **common)
         self.test_loader = BatchLoader(d.x_test, d.y_test, cfg["eval_batch_size"], train=False, **common)
+        if getattr(self, "_measure_dense", False):
+            # svd init computes exactly what the dense checkpoint computes: its accuracy now
+            # is the dense model's.
+            self.state["info"]["dense_accuracy"] = evaluate(self.model, self.test_loader, self.world)
         if self.state["rng"] is None:
             torch.manual_seed(cfg["seed"])
             np.random.seed(cfg["seed"])
@@ -407,7 +431,15 @@ class Run:
                                 desc=f"{stage} {epoch + 1}/{epochs}", quiet=self.quiet or self.rank != 0,
                                 world=self.world, where=f"stage '{stage}', epoch {epoch + 1}",
                                 on_step=self._count_step)
+            if self.world > 1:
+                # BatchNorm statistics drift apart per rank after DDP's last broadcast: take
+                # rank 0's, so every rank evaluates (and rank 0 saves) the same model.
+                for buf in unwrap(self.model).buffers():
+                    dist.broadcast(buf, src=0)
             stats["test_accuracy"] = evaluate(self.model, self.test_loader, self.world)
+            if self.world > 1:
+                stats["world_size"] = self.world
+                stats["replica_spread"] = replica_spread(self.model)
             stats.update(stage=stage, epoch=epoch + 1, lr=opt.param_groups[0]["lr"],
                          seconds=round(time.perf_counter() - t0, 3), **self._rank_stats())
             self.state["metrics"].append(stats)
