@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Reference-length SVD training of CIFAR-10 ResNet-20 (and ResNet-56) on one CUDA GPU.
+#   benchmarks/gpu_full.sh DATA_DIR [OUT_DIR]    # needs cifar-10-batches-py/ in DATA_DIR
+#   benchmarks/gpu_full.sh --smoke               # the same commands on CPU, tiny data, < 1 min
+# Resumable: rerun the same command after an interruption.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+
+if [ "${1:-}" = "--smoke" ]; then
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  $PY -c "from svdtrain.data import write_fake_cifar; write_fake_cifar('$tmp/data', n_train=256, n_test=128)"
+  for cfg in cifar10_resnet20_full cifar10_resnet56; do
+    $PY -m svdtrain run "configs/$cfg.yaml" --out "$tmp/$cfg" --quiet data_dir="$tmp/data" device=cpu \
+      epochs.orth=1 epochs.train=1 epochs.finetune=1 batch_size=64 threads=2
+  done
+  echo "smoke ok"
+  exit 0
+fi
+
+data=${1:?usage: gpu_full.sh DATA_DIR [OUT_DIR] | --smoke}
+out=${2:-runs/gpu_full}
+mkdir -p "$out"
+$PY -m svdtrain run configs/cifar10_resnet20_full.yaml --out "$out/resnet20" data_dir="$data" device=cuda
+$PY -m svdtrain run configs/cifar10_resnet56.yaml --out "$out/resnet56" data_dir="$data" device=cuda \
+  epochs.orth=20 epochs.train=164 epochs.finetune=60 optim.schedule=cosine optim.lr=0.1
+nvidia-smi --query-gpu=name --format=csv,noheader > "$out/device.txt" || true
