@@ -7,7 +7,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU wheel first (pip takes it from local disk); the extras then find torch satisfied.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,onnx]'
+	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 .PHONY: demo test

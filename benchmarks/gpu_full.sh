@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reference-length SVD training of CIFAR-10 ResNet-20 (and ResNet-56) on one CUDA GPU.
-#   benchmarks/gpu_full.sh DATA_DIR [OUT_DIR]    # needs cifar-10-batches-py/ in DATA_DIR
+#   benchmarks/gpu_full.sh DATA_DIR [OUT_DIR] [key=value ...]   # needs cifar-10-batches-py/ in DATA_DIR;
+#                                                 overrides go to both runs (e.g. epochs.train=30 to fit a time slot)
 #   benchmarks/gpu_full.sh --smoke               # the same commands on CPU, tiny data, < 1 min
 # Resumable: rerun the same command after an interruption.
 set -euo pipefail
@@ -21,8 +22,9 @@ fi
 
 data=${1:?usage: gpu_full.sh DATA_DIR [OUT_DIR] | --smoke}
 out=${2:-runs/gpu_full}
+shift; shift || true
 mkdir -p "$out"
-$PY -m svdtrain run configs/cifar10_resnet20_full.yaml --out "$out/resnet20" data_dir="$data" device=cuda
+$PY -m svdtrain run configs/cifar10_resnet20_full.yaml --out "$out/resnet20" data_dir="$data" device=cuda "$@"
 $PY -m svdtrain run configs/cifar10_resnet56.yaml --out "$out/resnet56" data_dir="$data" device=cuda \
-  epochs.orth=20 epochs.train=164 epochs.finetune=60 optim.schedule=cosine optim.lr=0.1
+  epochs.orth=20 epochs.train=164 epochs.finetune=60 optim.schedule=cosine optim.lr=0.1 "$@"
 nvidia-smi --query-gpu=name --format=csv,noheader > "$out/device.txt" || true

@@ -115,3 +115,28 @@ def test_state_dict_of_pruned_model_rebuilds_it():
     x = torch.randn(2, 3, 16, 16)
     model.eval(), fresh.eval()
     assert torch.allclose(fresh(x), model(x), atol=1e-6)
+
+
+def test_decompose_keeps_dtype_and_shared_layers():
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    ref = model(x)
+    svdtrain.decompose(model)
+    assert model[0].U.dtype == torch.float64 and (model(x) - ref).abs().max() < 1e-10
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 5)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    tied = Tied()
+    x = torch.randn(3, 5)
+    ref = tied(x)
+    svdtrain.decompose(tied)
+    assert tied.a is tied.b and isinstance(tied.a, svdtrain.SVDLinear)
+    assert (tied(x) - ref).abs().max() < 1e-5
+    assert type(svdtrain.decompose(TinyResNet(), skip="stem").stem) is nn.Conv2d  # one name, not letters

@@ -57,3 +57,13 @@ def test_strided_spatial_and_channel_costs():
 def test_bad_cost_name():
     with pytest.raises(ValueError, match="cost"):
         svdtrain.count_macs(Known(), (1, 3, 10, 10), cost="flops")
+
+
+def test_linear_on_feature_maps_counts_every_position():
+    # A Linear applied to N x H x W x C tensors (ConvNeXt/Swin style) runs once per position.
+    model = nn.Sequential(nn.Linear(8, 6))
+    dense = 2 * 3 * 3 * 8 * 6
+    assert svdtrain.count_macs(model, (2, 3, 3, 8)) == dense
+    svdtrain.decompose(model)
+    assert svdtrain.count_macs(model, (2, 3, 3, 8), cost="dense") == dense
+    assert svdtrain.count_macs(model, (2, 3, 3, 8), cost="factored") == 2 * 3 * 3 * 6 * (8 + 6)

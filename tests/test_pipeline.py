@@ -207,3 +207,11 @@ def test_dense_run_then_svd_init_from_its_checkpoint(tiny, tmp_path):
     # svd init computes what the dense model computes: the same accuracy, before any training
     assert s["dense_accuracy"] == pytest.approx(d["accuracy"], abs=1e-9)
     assert s["macs"] <= 0.5 * s["dense_macs"]
+
+
+def test_kill_during_first_checkpoint_write_still_resumes(tiny, tmp_path):
+    out = tmp_path / "early"
+    out.mkdir()
+    (out / "checkpoint.pt.tmp").write_bytes(b"half written")
+    cli("train", tiny[1], "--out", out, "--quiet", "epochs.orth=0", "epochs.train=1")
+    assert (out / "checkpoint.pt").is_file()

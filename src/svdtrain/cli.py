@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package
 STAGE_COMMANDS = ("train", "prune", "finetune", "export", "report")
 
 
@@ -42,9 +43,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _find_config(name: str) -> Path:
+    """A config path, or the name of a shipped one (`cifar10_resnet20` or `digits.yaml`)."""
     path = Path(name)
-    if not path.exists() and (CONFIG_DIR / name).exists():
-        return CONFIG_DIR / name
+    if not path.exists():
+        for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
     return path
 
 
@@ -65,13 +69,21 @@ def main(argv=None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return _dispatch(args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except ImportError as err:
+        print(f"svdtrain: error: {err}; install the command-line extras: pip install 'svdtrain[cli]'",
+              file=sys.stderr)
+        return 2
+    except (ConfigError, OSError, ValueError, RuntimeError, TypeError, pickle.UnpicklingError, EOFError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"svdtrain: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("svdtrain: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _dispatch(args) -> int:
@@ -111,12 +123,12 @@ def _dispatch(args) -> int:
 def _evaluate(out: Path) -> int:
     import torch
 
-    from .data import BatchLoader, load_dataset
-    from .train import Run, evaluate
+    from .data import BatchLoader
+    from .train import Run, evaluate, run_dataset
 
     run = Run(out)
     cfg = run.cfg
-    data = load_dataset(cfg["dataset"], cfg["data_dir"])
+    data = run_dataset(cfg)
     loader = BatchLoader(data.x_test, data.y_test, cfg["eval_batch_size"], train=False,
                          mean=data.mean, std=data.std)
     from .train import load_run_model

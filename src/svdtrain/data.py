@@ -120,8 +120,6 @@ def _read_cifar_batches(folder, files, label_key, name):
         path = folder / f
         if not path.is_file():
             hint = f"run `svdtrain download {name} --data-dir {data_dir}`"
-            if name == "cifar10":
-                hint += f" (offline dev machine: `python3 ../shared/datasets/cifar10/make-python-batches.py {data_dir}`)"
             raise FileNotFoundError(f"{name}: missing {path}; {hint}")
         with open(path, "rb") as fh:
             d = pickle.load(fh, encoding="bytes")

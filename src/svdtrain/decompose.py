@@ -18,7 +18,7 @@ def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:
         return lambda name, module: False
     if callable(skip):
         return skip
-    names = set(skip)
+    names = {skip} if isinstance(skip, str) else set(skip)
     return lambda name, module: name in names
 
 
@@ -38,9 +38,14 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     skipped = _skip_predicate(skip)
     root = unwrap(model)
     # Collect first: replacing while iterating named_modules() would visit the new layers.
-    targets = [(name, m) for name, m in root.named_modules()
+    # Duplicates are kept so a layer shared under two names becomes one SVD layer in both.
+    targets = [(name, m) for name, m in root.named_modules(remove_duplicate=False)
                if type(m) in (nn.Conv2d, nn.Linear) and not skipped(name, m)]
+    done: dict[int, nn.Module] = {}
     for name, module in targets:
+        if id(module) in done:
+            _set_submodule(root, name, done[id(module)])
+            continue
         if isinstance(module, nn.Conv2d):
             if module.groups != 1:
                 log.info("svdtrain: %s is a grouped conv (groups=%d); left dense", name, module.groups)
@@ -52,6 +57,7 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         else:
             new = SVDLinear.from_linear(module, init=init)
         new.train(module.training)
+        done[id(module)] = new
         _set_submodule(root, name, new)
     return model
 

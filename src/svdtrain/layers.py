@@ -35,8 +35,10 @@ class SVDLayer(nn.Module):
         if init == "svd":
             if matrix is None:
                 raise ValueError("init='svd' needs the dense weight")
+            # SVD in float64 for accuracy, factors stored in the weight's own dtype
+            dtype = matrix.dtype if matrix.dtype in (torch.float64,) else torch.float32
             u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
-            u, s, v = u.float(), s.float(), vh.mH.float()
+            u, s, v = u.to(dtype), s.to(dtype), vh.mH.to(dtype)
         elif init == "random":
             # The reference code's scratch init: Kaiming-normal factors, normal s. s is
             # drawn as |N(0,1)| so U diag(s) V^T equals U diag(|s|) V^T from the start.
@@ -51,7 +53,7 @@ class SVDLayer(nn.Module):
         self.V = nn.Parameter(v.contiguous())
         self.register_buffer("active", torch.ones(r, dtype=torch.bool))
         self.forward_path = "auto"  # "auto" | "dense" | "factored"
-        self._idx_cache: tuple[int, torch.Tensor | None] = (-1, None)
+        self._idx_cache: tuple = (None, -1, None)  # (mask tensor, its version, indices)
 
     # ----- the active (unpruned) part of the factors -----
     @property
@@ -65,11 +67,13 @@ class SVDLayer(nn.Module):
 
     def _active_index(self) -> torch.Tensor | None:
         """Indices of active values, or None when all are active (no gather needed)."""
-        version = self.active._version
-        if self._idx_cache[0] != version:
-            idx = None if bool(self.active.all()) else self.active.nonzero().squeeze(1)
-            self._idx_cache = (version, idx)
-        return self._idx_cache[1]
+        # Keyed on the tensor itself and its version: .to()/load_state_dict may swap or
+        # rewrite the buffer.
+        mask = self.active
+        if self._idx_cache[0] is not mask or self._idx_cache[1] != mask._version:
+            idx = None if bool(mask.all()) else mask.nonzero().squeeze(1)
+            self._idx_cache = (mask, mask._version, idx)
+        return self._idx_cache[2]
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, s, V) restricted to the active singular values; differentiable."""
@@ -122,7 +126,7 @@ class SVDLinear(SVDLayer):
                   weight=layer.weight, init=init)
         if layer.bias is not None:
             new.bias.data.copy_(layer.bias.detach())
-        return new.to(layer.weight.device)
+        return new.to(device=layer.weight.device, dtype=layer.weight.dtype)
 
     def dense_weight(self) -> torch.Tensor:
         """U diag(s) V^T in nn.Linear's weight shape (out, in)."""
@@ -202,7 +206,7 @@ class SVDConv2d(SVDLayer):
                   mode=mode, weight=conv.weight, init=init)
         if conv.bias is not None:
             new.bias.data.copy_(conv.bias.detach())
-        return new.to(conv.weight.device)
+        return new.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
     # ----- matrix view <-> weight -----
     def weight_to_matrix(self, w: torch.Tensor) -> torch.Tensor:

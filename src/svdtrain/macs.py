@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import SVDLayer, unwrap
+from .layers import SVDLayer, SVDLinear, unwrap
 
 COSTS = ("deploy", "factored", "dense")
 
@@ -40,8 +40,10 @@ def profile(model: nn.Module, input_shape) -> list[LayerCost]:
         def fn(module, inputs, output):
             x = inputs[0]
             if isinstance(module, SVDLayer):
-                in_hw = tuple(x.shape[-2:]) if x.dim() == 4 else None
-                batch = x.shape[0] if x.dim() == 4 else x.numel() // x.shape[-1]
+                if isinstance(module, SVDLinear):  # applies to every position of the last dim
+                    in_hw, batch = None, x.numel() // x.shape[-1]
+                else:
+                    in_hw, batch = tuple(x.shape[-2:]), (x.shape[0] if x.dim() == 4 else 1)
                 dense, factored_r1 = module.macs(in_hw, rank=1)
                 records.append(LayerCost(name, module, batch * dense, batch * factored_r1))
             elif isinstance(module, nn.Conv2d):

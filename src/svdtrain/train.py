@@ -64,17 +64,27 @@ def setup_distributed(device_name: str):
     return rank, world, torch.device("cpu")
 
 
+def run_dataset(cfg: dict):
+    """The dataset a run config names (errors as one-line RunErrors)."""
+    kw = {"image_size": cfg["image_size"]} if cfg["dataset"] == "folder" else {}
+    try:
+        return load_dataset(cfg["dataset"], cfg["data_dir"], **kw)
+    except (FileNotFoundError, ValueError) as err:
+        raise RunError(str(err).splitlines()[0]) from None
+
+
 def input_shape(data) -> tuple[int, int, int, int]:
     return (1, data.in_channels, data.image_size, data.image_size)
 
 
-def build_run_model(cfg: dict, data) -> nn.Module:
-    """The model of a run, in SVD form unless decompose.enabled is false."""
+def build_run_model(cfg: dict, data, fresh: bool = True) -> nn.Module:
+    """The model of a run, in SVD form unless decompose.enabled is false. fresh=False: the
+    caller loads the run's own weights next, so init: svd need not read the dense checkpoint."""
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg["model"], num_classes=data.num_classes, in_channels=data.in_channels)
     d = cfg["decompose"]
     if d["enabled"]:
-        if d["init"] == "svd":
+        if d["init"] == "svd" and fresh:
             path = Path(d["dense_checkpoint"])
             if not path.is_file():
                 raise RunError(f"decompose.dense_checkpoint not found: {path}")
@@ -84,7 +94,7 @@ def build_run_model(cfg: dict, data) -> nn.Module:
             except RuntimeError as err:
                 raise RunError(f"{path} does not fit model {cfg['model']}: "
                                f"{str(err).splitlines()[0]}") from None
-        decompose(model, mode=d["mode"], init=d["init"], skip=d["skip"] or None)
+        decompose(model, mode=d["mode"], init=d["init"] if fresh else "random", skip=d["skip"] or None)
     return model
 
 
@@ -150,11 +160,14 @@ def train_epoch(model, loader, opt, sched, reg, cfg: dict, device, *, desc="trai
     reg_sums: dict[str, torch.Tensor] = {}
     bar = tqdm(loader, desc=desc, leave=False, disable=quiet)
     for i, (x, y) in enumerate(bar):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg["amp"]):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg["amp"] and _bf16_ok()):
             out = model(x)
             task = F.cross_entropy(out.float(), y, label_smoothing=cfg["label_smoothing"])
         loss = task + reg(model) if reg is not None else task
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach()).float()
+        if world > 1:  # every rank must stop together, or the others hang in the next allreduce
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
             raise RunError(f"non-finite loss in {where}, step {i + 1}; the last good checkpoint is kept")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -179,12 +192,17 @@ def train_epoch(model, loader, opt, sched, reg, cfg: dict, device, *, desc="trai
     return stats
 
 
+def _bf16_ok() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpoint=None, quiet=False,
         on_backward=None, on_step=None, log=print) -> list[dict]:
     """Train any model for `epochs` with the run config's optimizer, schedule and augmentation
     (single process): the loop the benchmarks use for baselines. With `checkpoint`, state is
     saved after every epoch and a rerun resumes from it. Returns per-epoch metrics."""
-    device = torch.device("cuda" if cfg["device"] == "cuda" else "cpu")
+    cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
     model.to(device)
     loader = BatchLoader(data.x_train, data.y_train, cfg["batch_size"], train=True, augment=cfg["augment"],
                          seed=cfg["seed"], mean=data.mean, std=data.std, device=device)
@@ -196,7 +214,7 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
     state = {"epoch": 0, "metrics": []}
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -233,16 +251,22 @@ def replica_spread(model: nn.Module) -> float:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """RNG states as tensors and plain values, so checkpoints load with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            # this process's device only: get_rng_state_all would open a context on every GPU
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -279,7 +303,8 @@ class Run:
         path = self.out / CHECKPOINT
         if path.exists():
             try:
-                state = torch.load(path, map_location="cpu", weights_only=False)
+                # weights_only: a foreign file in --out must not run code when read
+                state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:
                 raise RunError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
                                "it was left untouched: move it away or use another --out") from None
@@ -290,7 +315,10 @@ class Run:
             return state
         if cfg is None:
             raise RunError(f"no run in {self.out} (no {CHECKPOINT}); start one with `svdtrain run CONFIG --out {self.out}`")
-        if self.out.exists() and any(self.out.iterdir()):
+        if self.out.exists() and not self.out.is_dir():
+            raise RunError(f"--out {self.out} is a file, not a directory")
+        # A kill during the very first checkpoint write leaves only our temp files.
+        if self.out.exists() and any(not p.name.endswith((".tmp", ".tmp.pt2")) for p in self.out.iterdir()):
             raise RunError(f"{self.out} is not empty and holds no svdtrain run; choose a new --out")
         return {"format": FORMAT, "version": 1, "config": cfg, "stage": STAGES[0], "epoch": 0,
                 "step": 0, "done": [], "model": None, "optimizer": None, "rng": None,
@@ -321,13 +349,9 @@ class Run:
             torch.set_num_threads(cfg["threads"])
         self.rank, self.world, self.device = setup_distributed(cfg["device"])  # a resumed run's device
         self.cuda = self.device.type == "cuda"
-        try:
-            self.data = load_dataset(cfg["dataset"], cfg["data_dir"], **(
-                {"image_size": cfg["image_size"]} if cfg["dataset"] == "folder" else {}))
-        except (FileNotFoundError, ValueError) as err:
-            raise RunError(str(err).splitlines()[0]) from None
+        self.data = run_dataset(cfg)
         self.shape = input_shape(self.data)
-        model = build_run_model(cfg, self.data)
+        model = build_run_model(cfg, self.data, fresh=self.state["model"] is None)
         if self.state["model"] is None:
             info = self.state["info"]
             info["dense_macs"] = count_macs(model, self.shape, cost="dense")
@@ -346,6 +370,9 @@ class Run:
         self.train_loader = BatchLoader(d.x_train, d.y_train, cfg["batch_size"], train=True,
                                         augment=cfg["augment"], seed=cfg["seed"], **common)
         self.test_loader = BatchLoader(d.x_test, d.y_test, cfg["eval_batch_size"], train=False, **common)
+        if len(self.train_loader) == 0:
+            raise RunError(f"batch_size {cfg['batch_size']} is larger than the {len(d.x_train)} training images "
+                           f"(per process); lower batch_size")
         if getattr(self, "_measure_dense", False):
             # svd init computes exactly what the dense checkpoint computes: its accuracy now
             # is the dense model's.
@@ -360,8 +387,10 @@ class Run:
     def _ddp(self):
         if self.world == 1:
             return self.model
+        # Buffers (BatchNorm statistics, pruning masks) are synced from rank 0 after every
+        # epoch instead of on every forward.
         return nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.cuda else None)
+            self.model, device_ids=[self.device.index] if self.cuda else None, broadcast_buffers=False)
 
     # ----- stages -----
     def require_before(self, stage: str) -> None:
@@ -546,9 +575,8 @@ def spectra(model: nn.Module) -> dict[str, list[float]]:
 def load_run_model(out_dir) -> nn.Module:
     """Rebuild a finished run's SVD-form model from its config and model_state.pt."""
     out = Path(out_dir)
-    state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
-    cfg = dict(state["config"], decompose=dict(state["config"]["decompose"], init="random"))
-    data = load_dataset(cfg["dataset"], cfg["data_dir"])
-    model = build_run_model(cfg, data)
+    state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+    cfg = state["config"]
+    model = build_run_model(cfg, run_dataset(cfg), fresh=False)
     model.load_state_dict(torch.load(out / "model_state.pt", map_location="cpu", weights_only=True))
     return model.eval()
