@@ -1,4 +1,4 @@
-"""Small models used across tests (independent of svdtrain.models)."""
+"""Small models and a tiny run config used across tests (independent of svdtrain.models)."""
 import torch.nn.functional as F
 from torch import nn
 
@@ -51,3 +51,19 @@ def randomize_bn(model):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     return model
+
+
+# A run config that trains in seconds on write_fake_cifar data ({data} = its folder).
+TINY_CONFIG = """
+model: small_cnn
+dataset: cifar10
+data_dir: {data}
+batch_size: 32
+eval_batch_size: 64
+threads: 1
+decompose: {{mode: channel, init: random}}
+regularizer: {{orth: 1.0, sparsity: hoyer, strength: 0.02}}
+prune: {{keep_energy: 0.999}}
+epochs: {{orth: 1, train: 2, finetune: 1}}
+optim: {{lr: 0.05, schedule: onecycle, finetune_lr: 0.01}}
+"""

@@ -3,28 +3,18 @@ import json
 import subprocess
 import sys
 
+from helpers import TINY_CONFIG
 from svdtrain.data import write_fake_cifar
 
-CFG = """
-model: small_cnn
-dataset: cifar10
-data_dir: {data}
-batch_size: 32
-eval_batch_size: 64
-threads: 1
-regularizer: {{orth: 1.0, sparsity: hoyer, strength: 0.02}}
-epochs: {{orth: 0, train: 2, finetune: 1}}
-optim: {{lr: 0.05}}
-"""
 
 
 def test_torchrun_two_gloo_processes(tmp_path):
     write_fake_cifar(tmp_path / "data", n_train=128, n_test=64)
     cfg = tmp_path / "ddp.yaml"
-    cfg.write_text(CFG.format(data=tmp_path / "data"))
+    cfg.write_text(TINY_CONFIG.format(data=tmp_path / "data"))
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "svdtrain",
-                          "run", str(cfg), "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+                          "run", str(cfg), "--out", str(out), "--quiet", "epochs.orth=0"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("svdtrain: top-1") == 1  # one result line: rank 0 only
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

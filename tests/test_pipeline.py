@@ -9,21 +9,9 @@ import time
 import pytest
 import torch
 
+from helpers import TINY_CONFIG as TINY
 from svdtrain.data import write_fake_cifar
 
-TINY = """
-model: small_cnn
-dataset: cifar10
-data_dir: {data}
-batch_size: 32
-eval_batch_size: 64
-threads: 1
-decompose: {{mode: channel, init: random}}
-regularizer: {{orth: 1.0, sparsity: hoyer, strength: 0.02}}
-prune: {{keep_energy: 0.999}}
-epochs: {{orth: 1, train: 2, finetune: 1}}
-optim: {{lr: 0.05, schedule: onecycle, finetune_lr: 0.01}}
-"""
 OUTPUTS = ["checkpoint.pt", "metrics.jsonl", "summary.json", "compact.pt2", "model_state.pt", "ranks.json",
            "report.md", "stages.png", "spectra.png", "ranks.png"]
 
