@@ -113,3 +113,16 @@ def test_set_ranks_round_trip():
     assert svdtrain.ranks(model) == target
     with pytest.raises(ValueError, match="lacks"):
         svdtrain.set_ranks(model, {"nope": 1})
+
+
+def test_macs_budget_never_cuts_a_layer_that_still_deploys_dense():
+    # Linear 16x16: dense 256 MACs, the factor pair 32 per rank, so below rank 8 only.
+    # Values cut from a layer that stays above rank 7 would cost accuracy and save nothing.
+    torch.manual_seed(1)
+    model = _model_with_s(*[(torch.rand(16) ** 4).tolist() for _ in range(4)])
+    dense = svdtrain.count_macs(model, (1, 16), cost="dense")
+    ranks = svdtrain.prune(model, macs_budget=0.9, input_shape=(1, 16))
+    assert svdtrain.count_macs(model, (1, 16)) <= 0.9 * dense
+    for k in ranks.values():
+        assert k <= 7 or k == 16
+    assert any(k == 16 for k in ranks.values())  # some layer was not needed at all

@@ -41,10 +41,13 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
         fraction of the layer's energy (the paper's rule; the reference's -e is 1 - keep_energy).
     macs_budget: instead, bring the whole model's deploy MACs to <= this fraction of its
         dense MACs (needs `input_shape`). Rule: every active value i of layer l is scored by
-        its share of the layer's energy, s_i^2 / sum_j s_j^2, divided by the factored MACs
-        one unit of rank costs in layer l; values are removed lowest score first (never a
-        layer's last one) until the budget holds. Layers whose factor pair would cost more
-        than their dense form are counted dense, as `export` builds them.
+        its share of the layer's energy, s_i^2 / sum_j s_j^2, divided by the MACs its removal
+        saves (one unit of rank of the factor pair); values are removed lowest score first
+        (never a layer's last one) until the budget holds. A layer whose factor pair costs
+        more than its dense form deploys dense (as `export` builds it), so there one removal
+        saves nothing: its move is the drop to the largest cheaper rank, scored by the energy
+        of all values it removes over the MACs it saves. Layers never taken below that
+        crossover keep all their values.
     Pruned values are masked and zeroed: they no longer affect output, losses or training.
     """
     if (keep_energy is None) == (macs_budget is None):
@@ -81,25 +84,46 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape) -> dict[str, 
     if floor > target:
         raise ValueError(f"macs_budget {budget:g} is below what rank 1 everywhere reaches "
                          f"({floor / dense_total:.3f} of dense MACs)")
-    # Each layer's values ascending by energy; the heap holds each layer's next candidate.
-    queues, heap = {}, []
+    # Per layer: energy shares of its active values, smallest first (the removal order).
+    shares = {}
     for key, r in svd.items():
         layer = r.module
-        e = layer.s.detach().double().pow(2)
-        share = e / e[layer.active].sum().clamp_min(1e-300)
-        idx = [int(i) for i in torch.argsort(share, stable=True) if layer.active[i]]
-        queues[key] = (share, idx)
-        if len(idx) > 1 and r.per_rank > 0:
-            heapq.heappush(heap, (float(share[idx[0]]) / r.per_rank, key, 0))
+        e = layer.s.detach().double()[layer.active].pow(2)
+        shares[key] = (e / e.sum().clamp_min(1e-300)).sort().values.tolist()
+
+    def next_move(key):
+        """(score, new rank) of the layer's next removal, or None. Above the crossover the
+        layer deploys dense, so one value saves nothing: the move goes straight down to the
+        largest rank whose factor pair is cheaper, scored by all the energy it removes."""
+        r, k = svd[key], rank[key]
+        if k <= 1 or r.per_rank <= 0:
+            return None
+        if r.per_rank * k < r.dense:
+            new = k - 1
+            saved = r.per_rank
+        else:
+            new = (r.dense - 1) // r.per_rank
+            if new < 1:
+                return None  # even rank 1 costs more than the dense layer
+            saved = r.dense - r.per_rank * new
+        n = len(shares[key])
+        lost = sum(shares[key][n - k: n - new])  # the (k - new) smallest still kept
+        return lost / saved, new
+
+    heap = []
+    for key in svd:
+        move = next_move(key)
+        if move is not None:
+            heapq.heappush(heap, (move[0], key, move[1]))
     current = total()
     while current > target and heap:
-        _, key, pos = heapq.heappop(heap)
+        _, key, new = heapq.heappop(heap)
         r = svd[key]
-        share, idx = queues[key]
-        rank[key] -= 1
-        current -= min(r.dense, r.per_rank * (rank[key] + 1)) - min(r.dense, r.per_rank * rank[key])
-        if rank[key] > 1:
-            heapq.heappush(heap, (float(share[idx[pos + 1]]) / r.per_rank, key, pos + 1))
+        current -= min(r.dense, r.per_rank * rank[key]) - min(r.dense, r.per_rank * new)
+        rank[key] = new
+        move = next_move(key)
+        if move is not None:
+            heapq.heappush(heap, (move[0], key, move[1]))
     for key, r in svd.items():
         _keep_top(r.module, rank[key])
     return ranks(model)
