@@ -23,6 +23,7 @@ import datetime
 import json
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -173,7 +174,10 @@ def run_methods(args, work, cfg, data):
         trp_dir.mkdir(parents=True, exist_ok=True)
         model = build_model("resnet20", 10)
         trp = TRP(model, every=args.trp_every, keep_energy=args.trp_energy, nuclear=args.trp_nuclear)
-        steps = [0]
+        # On resume, continue TRP's step count where the checkpointed epochs left it, so the
+        # truncations fall on the same steps as in an uninterrupted run.
+        done = torch.load(trp_dir / "train.pt", weights_only=True)["epoch"] if (trp_dir / "train.pt").exists() else 0
+        steps = [done * (len(data.x_train) // cfg["batch_size"])]
 
         def after_step(m):
             steps[0] += 1
@@ -211,7 +215,7 @@ def write_results(args, work: Path, cfg: dict):
                                             "params") if k in p} for p in rows],
               "machine": f"{platform.machine()}, {args.threads} CPU threads, torch {torch.__version__}",
               "date": datetime.date.today().isoformat(),
-              "command": "python benchmarks/compare_cifar10.py --data-dir DIR (defaults)"}
+              "command": "python benchmarks/compare_cifar10.py " + " ".join(sys.argv[1:])}
     (out / "compare_cifar10.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| method | level | whole-model MACs | % of dense | top-1 | before fine-tune | Δ vs dense |",
              "|---|---|---|---|---|---|---|"]
