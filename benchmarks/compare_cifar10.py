@@ -215,7 +215,7 @@ def write_results(args, work: Path, cfg: dict):
                                             "params") if k in p} for p in rows],
               "machine": f"{platform.machine()}, {args.threads} CPU threads, torch {torch.__version__}",
               "date": datetime.date.today().isoformat(),
-              "command": "python benchmarks/compare_cifar10.py " + " ".join(sys.argv[1:])}
+              "command": "python benchmarks/compare_cifar10.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")}
     (out / "compare_cifar10.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| method | level | whole-model MACs | % of dense | top-1 | before fine-tune | Δ vs dense |",
              "|---|---|---|---|---|---|---|"]
