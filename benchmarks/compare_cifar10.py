@@ -59,8 +59,8 @@ def point_path(work: Path, method: str, level: str) -> Path:
     return work / "points" / f"{method}_{level.rstrip('%')}.json"
 
 
-def save_point(work: Path, point: dict) -> None:
-    path = point_path(work, point["method"], point["level"])
+def save_point(work: Path, point: dict, name: str | None = None) -> None:
+    path = point_path(work, name or point["method"], point["level"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(point, indent=1) + "\n")
     print(f"== {point['method']} {point['level']}: {100 * point['accuracy']:.2f}% at "
@@ -111,7 +111,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--finetune-lr", type=float, default=0.02)
-    p.add_argument("--hoyer", type=float, default=0.01, help="SVD training's Hoyer strength")
+    p.add_argument("--hoyer", type=float, default=0.01, help="SVD training's Hoyer strength (one run, 3 levels)")
+    p.add_argument("--hoyer-levels", default="",
+                   help="one Hoyer strength per level (50%%,33%%,25%%), e.g. 0.003,0.005,0.01: a run each")
     p.add_argument("--trp-every", type=int, default=20, help="TRP's m (steps between truncations)")
     p.add_argument("--trp-energy", type=float, default=0.98, help="TRP's truncation energy threshold")
     p.add_argument("--trp-nuclear", type=float, default=3e-4, help="TRP's nuclear-norm weight")
@@ -141,17 +143,27 @@ def run_methods(args, work, cfg, data):
             save_point(work, dense)
     todo = lambda m, lv: m in args.methods and not point_path(work, m, lv).exists()  # noqa: E731
 
-    if any(todo("svd_training", lv) for lv in LEVELS):
-        trained = work / "svd_training"
-        run_pipeline(trained, cfg, until="train")
-        for level, budget in LEVELS.items():
-            if not todo("svd_training", level):
-                continue
-            out = work / f"svd_training_{level.rstrip('%')}"
-            if not out.exists():
-                shutil.copytree(trained, out)
-            pt = pipeline_point(work, "svd_training", level, out, with_(cfg, f"prune.macs_budget={budget}"))
-            save_point(work, pt)
+    # One SVD-training run per Hoyer strength; each run is pruned to the levels it serves
+    # (--hoyer: all three levels from one run; --hoyer-levels: one strength per level).
+    strengths = ([args.hoyer] * len(LEVELS) if not args.hoyer_levels
+                 else [float(v) for v in args.hoyer_levels.split(",")])
+    for (level, budget), hoyer in zip(LEVELS.items(), strengths):
+        tag = "" if hoyer == 0.01 else f"_h{hoyer:g}"  # 0.01: the first published run's dirs
+        method = "svd_training"
+        if not ("svd_training" in args.methods and not point_path(work, method + tag, level).exists()):
+            continue
+        trained = work / f"svd_training{tag}"
+        run_pipeline(trained, with_(cfg, f"regularizer.strength={hoyer}"), until="train")
+        out = work / f"svd_training{tag}_{level.rstrip('%')}"
+        if not out.exists():
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(trained, tmp)
+            tmp.rename(out)
+        pt = pipeline_point(work, method, level, out,
+                            with_(cfg, f"regularizer.strength={hoyer}", f"prune.macs_budget={budget}"))
+        pt["hoyer"] = hoyer
+        save_point(work, pt, name=method + tag)
 
     for level, budget in LEVELS.items():
         if todo("posthoc_svd", level):
@@ -209,10 +221,13 @@ def write_results(args, work: Path, cfg: dict):
               "svd_training": f"channel, random init, orthogonality 1.0 + Hoyer {args.hoyer}, prune to MACs level",
               "trp": f"m={args.trp_every}, energy {args.trp_energy}, nuclear {args.trp_nuclear}, channel"}
     rows = [p for p in points if p["method"] != "dense"]
+    for p in rows:  # the untagged SVD-training runs were made with Hoyer 0.01 (see run_methods)
+        if p["method"] == "svd_training":
+            p.setdefault("hoyer", 0.01)
     result = {"budget": budget,
               "dense": {"accuracy": dense["accuracy"], "macs": dense["macs"]} if dense else None,
               "points": [{k: p[k] for k in ("method", "level", "macs", "accuracy", "accuracy_before_finetune",
-                                            "params") if k in p} for p in rows],
+                                            "params", "hoyer") if k in p} for p in rows],
               "machine": f"{platform.machine()}, {args.threads} CPU threads, torch {torch.__version__}",
               "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/compare_cifar10.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")}
@@ -224,7 +239,8 @@ def write_results(args, work: Path, cfg: dict):
     for lv in LEVELS:
         for p in sorted((p for p in rows if p["level"] == lv), key=lambda p: -p["accuracy"]):
             delta = f"{100 * (p['accuracy'] - dense['accuracy']):+.2f}" if dense else "-"
-            lines.append(f"| {p['method']} | {lv} | {p['macs'] / 1e6:.2f}M | {100 * p['macs'] / p['dense_macs']:.1f}% "
+            label = p["method"] + (f" (Hoyer {p['hoyer']:g})" if "hoyer" in p else "")
+            lines.append(f"| {label} | {lv} | {p['macs'] / 1e6:.2f}M | {100 * p['macs'] / p['dense_macs']:.1f}% "
                          f"| {100 * p['accuracy']:.2f}% | {100 * p.get('accuracy_before_finetune', float('nan')):.2f}% "
                          f"| {delta} |")
     (out / "compare_cifar10.md").write_text("\n".join(lines) + "\n")
