@@ -105,13 +105,16 @@ def _sparsity(cfg: dict, stage: str) -> tuple[str | None, float]:
     return r["sparsity"], r["strength"]
 
 
-def make_optimizer(model: nn.Module, cfg: dict, stage: str):
+def make_optimizer(model: nn.Module, cfg: dict, stage: str, total_steps: int):
+    """(optimizer, per-step LambdaLR scheduler) of a stage; no weight decay on s."""
     o = cfg["optim"]
     lr = o["finetune_lr"] if stage == "finetune" else o["lr"]
     groups = param_groups(model, o["weight_decay"])
     if o["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"] and o["momentum"] > 0)
-    return torch.optim.Adam(groups, lr=lr)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"] and o["momentum"] > 0)
+    else:
+        opt = torch.optim.Adam(groups, lr=lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, stage, i, total_steps))
 
 
 def lr_factor(cfg: dict, stage: str, step: int, total: int) -> float:
@@ -208,9 +211,7 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
                          seed=cfg["seed"], mean=data.mean, std=data.std, device=device)
     test = BatchLoader(data.x_test, data.y_test, cfg["eval_batch_size"], train=False,
                        mean=data.mean, std=data.std, device=device)
-    opt = make_optimizer(model, cfg, stage)
-    total = epochs * len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, stage, i, total))
+    opt, sched = make_optimizer(model, cfg, stage, epochs * len(loader))
     state = {"epoch": 0, "metrics": []}
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
@@ -420,10 +421,8 @@ class Run:
         return self.state["info"].get("summary")
 
     def _epochs(self, stage):
-        if stage != "finetune" and not self.is_svd and stage == "orth":
-            return 0
-        if stage == "finetune" and not self.is_svd:
-            return 0
+        if not self.is_svd and stage in ("orth", "finetune"):
+            return 0  # a dense run only trains
         return self.cfg["epochs"][stage]
 
     def _stage_orth(self):
@@ -446,9 +445,7 @@ class Run:
         sparsity, strength = _sparsity(cfg, stage)
         reg = Regularizer(orth=cfg["regularizer"]["orth"] if self.is_svd else 0.0,
                           sparsity=sparsity if self.is_svd else None, strength=strength)
-        opt = make_optimizer(self.model, cfg, stage)
-        total = epochs * len(self.train_loader)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, stage, i, total))
+        opt, sched = make_optimizer(self.model, cfg, stage, epochs * len(self.train_loader))
         if self.state["optimizer"] is not None:
             opt.load_state_dict(self.state["optimizer"]["opt"])
             sched.load_state_dict(self.state["optimizer"]["sched"])
