@@ -16,8 +16,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .decompose import Skip, _skip_predicate, decompose
-from .layers import svd_layers, unwrap
+from .decompose import Skip, _skip_predicate, decompose, eligible
+from .layers import matrix_to_weight, svd_layers, unwrap, weight_to_matrix
 from .macs import count_macs, profile
 from .prune import energy_rank, prune, ranks, set_ranks
 
@@ -144,34 +144,6 @@ def _ignored_names(root: nn.Module, shape, extra) -> list[str]:
 # ----------------------------------------------------------------------------------------
 # Trained Rank Pruning
 # ----------------------------------------------------------------------------------------
-def _eligible(module: nn.Module) -> bool:
-    """The layers `decompose` would replace (exact types, groups=1, integer padding), so
-    that `TRP.to_svd_model` maps each truncated weight to one SVD layer."""
-    if type(module) is nn.Linear:
-        return True
-    return (type(module) is nn.Conv2d and module.groups == 1
-            and not isinstance(module.padding, str))
-
-
-def _to_matrix(w: torch.Tensor, mode: str) -> torch.Tensor:
-    """Matrix view of a weight, as svdtrain's SVD layers define it."""
-    if w.dim() == 2:
-        return w
-    n, c, kh, kw = w.shape
-    if mode == "channel" or kh * kw == 1:  # a 1x1 kernel has nothing to split spatially
-        return w.reshape(n, c * kh * kw)
-    return w.permute(0, 2, 1, 3).reshape(n * kh, c * kw)  # M[n*kh+h, c*kw+w] = W[n,c,h,w]
-
-
-def _from_matrix(m: torch.Tensor, shape: torch.Size, mode: str) -> torch.Tensor:
-    if len(shape) == 2:
-        return m
-    n, c, kh, kw = shape
-    if mode == "channel" or kh * kw == 1:
-        return m.reshape(shape)
-    return m.reshape(n, kh, c, kw).permute(0, 2, 1, 3)
-
-
 class TRP:
     """Trained Rank Pruning (Xu et al., IJCAI 2020) around your own training loop.
 
@@ -219,7 +191,7 @@ class TRP:
         self.nuclear, self.mode = float(nuclear), mode
         skipped = _skip_predicate(skip)
         self._layers = [(name, m) for name, m in unwrap(model).named_modules()
-                        if _eligible(m) and not skipped(name, m)]
+                        if eligible(m) and not skipped(name, m)]
         self.ranks: dict[str, int] = {}
         self.last_step = 0
         # Per layer: weight._version right after its last truncation (to tell whether the
@@ -247,7 +219,7 @@ class TRP:
                 if name not in self._factors or w._version != self._versions[name]:
                     continue  # the weight moved since its truncation: the SVD is stale
                 u, vh = self._factors.pop(name)
-                sub = _from_matrix(u @ vh, w.shape, self.mode).to(w.dtype) * self.nuclear
+                sub = matrix_to_weight(u @ vh, w.shape, self.mode).to(w.dtype) * self.nuclear
                 if w.grad is None:
                     w.grad = sub.contiguous()
                 else:
@@ -274,14 +246,14 @@ class TRP:
         self._factors.clear()
         for name, m in self._layers:
             w = m.weight
-            mat = _to_matrix(w.detach(), self.mode)
+            mat = weight_to_matrix(w.detach(), self.mode)
             # float32 at least: SVD has no half-precision kernels, and the rank test on
             # small singular values needs the precision.
             work = mat if mat.dtype in (torch.float32, torch.float64) else mat.float()
             u, s, vh = torch.linalg.svd(work, full_matrices=False)
             k = energy_rank(s, self.keep_energy)
             u, s, vh = u[:, :k], s[:k], vh[:k]
-            w.copy_(_from_matrix((u * s) @ vh, w.shape, self.mode))
+            w.copy_(matrix_to_weight((u * s) @ vh, w.shape, self.mode))
             self.ranks[name] = k
             self._versions[name] = w._version
             if self.nuclear:

@@ -40,7 +40,7 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     # Collect first: replacing while iterating named_modules() would visit the new layers.
     # Duplicates are kept so a layer shared under two names becomes one SVD layer in both.
     targets = [(name, m) for name, m in root.named_modules(remove_duplicate=False)
-               if type(m) in (nn.Conv2d, nn.Linear) and not skipped(name, m)]
+               if type(m) in (nn.Conv2d, nn.Linear) and not skipped(name, m)]  # exact types only
     done: dict[int, nn.Module] = {}
     for name, module in targets:
         if id(module) in done:
@@ -60,6 +60,14 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         done[id(module)] = new
         _set_submodule(root, name, new)
     return model
+
+
+def eligible(module: nn.Module) -> bool:
+    """Whether `decompose` replaces this layer: a plain Linear, or a plain Conv2d with
+    groups=1 and integer padding (exact types: subclasses may change forward)."""
+    if type(module) is nn.Linear:
+        return True
+    return type(module) is nn.Conv2d and module.groups == 1 and not isinstance(module.padding, str)
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

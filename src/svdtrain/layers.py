@@ -162,6 +162,27 @@ class SVDLinear(SVDLayer):
         return layer
 
 
+def weight_to_matrix(w: torch.Tensor, mode: str) -> torch.Tensor:
+    """Matrix view of a Linear (as is) or Conv2d weight: "channel" n x (c*kh*kw),
+    "spatial" (n*kh) x (c*kw) with M[n*kh+h, c*kw+w] = W[n,c,h,w] (1x1 kernels: channel)."""
+    if w.dim() == 2:
+        return w
+    n, c, kh, kw = w.shape
+    if mode == "channel" or kh * kw == 1:
+        return w.reshape(n, c * kh * kw)
+    return w.permute(0, 2, 1, 3).reshape(n * kh, c * kw)
+
+
+def matrix_to_weight(m: torch.Tensor, shape, mode: str) -> torch.Tensor:
+    """Inverse of weight_to_matrix for a weight of `shape`."""
+    if len(shape) == 2:
+        return m
+    n, c, kh, kw = shape
+    if mode == "channel" or kh * kw == 1:
+        return m.reshape(n, c, kh, kw)
+    return m.reshape(n, kh, c, kw).permute(0, 2, 1, 3).contiguous()
+
+
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -210,17 +231,11 @@ class SVDConv2d(SVDLayer):
 
     # ----- matrix view <-> weight -----
     def weight_to_matrix(self, w: torch.Tensor) -> torch.Tensor:
-        n, c, kh, kw = w.shape
-        if self.mode == "channel":
-            return w.reshape(n, c * kh * kw)
-        return w.permute(0, 2, 1, 3).reshape(n * kh, c * kw)
+        return weight_to_matrix(w, self.mode)
 
     def matrix_to_weight(self, m: torch.Tensor) -> torch.Tensor:
-        n, c = self.out_channels, self.in_channels
         kh, kw = self.kernel_size
-        if self.mode == "channel":
-            return m.reshape(n, c, kh, kw)
-        return m.reshape(n, kh, c, kw).permute(0, 2, 1, 3).contiguous()
+        return matrix_to_weight(m, (self.out_channels, self.in_channels, kh, kw), self.mode)
 
     def dense_weight(self) -> torch.Tensor:
         """U diag(s) V^T in nn.Conv2d's weight shape (n, c, kh, kw)."""
@@ -321,4 +336,5 @@ def svd_layers(model: nn.Module):
             yield name, module
 
 
-__all__ = ["SVDLayer", "SVDLinear", "SVDConv2d", "svd_layers", "unwrap", "FACTORED_BELOW"]
+__all__ = ["SVDLayer", "SVDLinear", "SVDConv2d", "svd_layers", "unwrap", "weight_to_matrix", "matrix_to_weight",
+           "FACTORED_BELOW"]
