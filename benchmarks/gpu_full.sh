@@ -14,7 +14,7 @@ if [ "${1:-}" = "--smoke" ]; then
   $PY -c "from svdtrain.data import write_fake_cifar; write_fake_cifar('$tmp/data', n_train=256, n_test=128)"
   for cfg in cifar10_resnet20_full cifar10_resnet56; do
     $PY -m svdtrain run "configs/$cfg.yaml" --out "$tmp/$cfg" --quiet data_dir="$tmp/data" device=cpu \
-      epochs.orth=1 epochs.train=1 epochs.finetune=1 batch_size=64 threads=2
+      epochs.orth=0 epochs.train=1 epochs.finetune=1 batch_size=64 threads=2 optim.lr=0.02 eval_batch_size=128
   done
   echo "smoke ok"
   exit 0
