@@ -46,13 +46,12 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         if id(module) in done:
             _set_submodule(root, name, done[id(module)])
             continue
+        if not eligible(module):  # a Conv2d that is grouped or has string padding
+            why = (f"is a grouped conv (groups={module.groups})" if module.groups != 1
+                   else f"uses padding={module.padding!r}")
+            log.info("svdtrain: %s %s; left dense", name, why)
+            continue
         if isinstance(module, nn.Conv2d):
-            if module.groups != 1:
-                log.info("svdtrain: %s is a grouped conv (groups=%d); left dense", name, module.groups)
-                continue
-            if isinstance(module.padding, str):
-                log.info("svdtrain: %s uses padding=%r; left dense", name, module.padding)
-                continue
             new = SVDConv2d.from_conv(module, mode=mode, init=init)
         else:
             new = SVDLinear.from_linear(module, init=init)

@@ -352,13 +352,13 @@ class Run:
         self.cuda = self.device.type == "cuda"
         self.data = run_dataset(cfg)
         self.shape = input_shape(self.data)
-        model = build_run_model(cfg, self.data, fresh=self.state["model"] is None)
-        if self.state["model"] is None:
+        fresh = self.state["model"] is None
+        model = build_run_model(cfg, self.data, fresh=fresh)
+        if fresh:
             info = self.state["info"]
             info["dense_macs"] = count_macs(model, self.shape, cost="dense")
             info["dense_params"] = count_params(model, cost="dense")
             info["layer_shapes"] = {n: [l.rows, l.cols] for n, l in svd_layers(model)}
-            self._measure_dense = cfg["decompose"]["enabled"] and cfg["decompose"]["init"] == "svd"
         else:
             model.load_state_dict(self.state["model"])
         self.model = model.to(self.device)
@@ -374,7 +374,7 @@ class Run:
         if len(self.train_loader) == 0:
             raise RunError(f"batch_size {cfg['batch_size']} is larger than the {len(d.x_train)} training images "
                            f"(per process); lower batch_size")
-        if getattr(self, "_measure_dense", False):
+        if fresh and cfg["decompose"]["enabled"] and cfg["decompose"]["init"] == "svd":
             # svd init computes exactly what the dense checkpoint computes: its accuracy now
             # is the dense model's.
             self.state["info"]["dense_accuracy"] = evaluate(self.model, self.test_loader, self.world)
