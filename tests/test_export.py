@@ -140,3 +140,47 @@ def test_decompose_keeps_dtype_and_shared_layers():
     assert tied.a is tied.b and isinstance(tied.a, svdtrain.SVDLinear)
     assert (tied(x) - ref).abs().max() < 1e-5
     assert type(svdtrain.decompose(TinyResNet(), skip="stem").stem) is nn.Conv2d  # one name, not letters
+
+
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+def test_latency_choice_keeps_outputs_and_never_undercuts_the_macs_choice(mode):
+    model = randomize_bn(TinyResNet()).eval()
+    svdtrain.decompose(model, mode=mode, init="svd")
+    svdtrain.prune(model, keep_energy=0.8)
+    shape = (8, 3, 16, 16)
+    compact = svdtrain.export(model, input_shape=shape, choose="latency", reps=2).eval()
+    assert _only_torch_modules(compact)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert _rel_err(compact(x), model(x)) < 1e-4
+    # Each layer took its dense form, its pair or its zero-padded pair: never fewer MACs
+    # than the per-layer minimum that the MACs choice takes.
+    assert svdtrain.count_macs(compact, shape) >= svdtrain.count_macs(model, shape)
+
+
+def test_latency_choice_takes_a_far_faster_factor_pair():
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(1024, 1024)))
+    model[0].set_active(torch.arange(1024) < 1)  # ~500x fewer MACs than the dense layer
+    compact = svdtrain.export(model, input_shape=(256, 1024), choose="latency", trace=False)
+    assert isinstance(compact[0], nn.Sequential)
+
+
+def test_latency_choice_needs_an_input_shape():
+    with pytest.raises(ValueError, match="input_shape"):
+        svdtrain.export(svdtrain.decompose(mlp()), choose="latency")
+
+
+@pytest.mark.parametrize("mode", ["channel", "spatial", "linear"])
+def test_pad_rank_adds_zero_channels_with_the_same_outputs(mode):
+    from svdtrain.export import pad_rank
+    if mode == "linear":
+        layer, x = svdtrain.SVDLinear.from_linear(nn.Linear(12, 10)), torch.randn(3, 12)
+    else:
+        conv = nn.Conv2d(6, 10, 3, stride=2, padding=1)
+        layer, x = svdtrain.SVDConv2d.from_conv(conv, mode=mode), torch.randn(2, 6, 9, 9)
+    layer.set_active(torch.arange(layer.full_rank) < 3)
+    pair, padded = layer.factor_layers(), pad_rank(layer.factor_layers(), 8)
+    assert padded[0].weight.shape[0] == 8 and padded[1].weight.shape[1] == 8
+    with torch.no_grad():
+        assert _rel_err(padded(x), pair(x)) < 1e-6
+        assert _rel_err(padded(x), layer(x)) < 1e-5

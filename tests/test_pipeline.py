@@ -99,10 +99,12 @@ def test_stage_commands(tiny):
     cli("finetune", "--out", out, "--quiet")
     locked = cli("export", "--out", out, "prune.keep_energy=0.5", check=False)
     assert locked.returncode == 2 and "prune.keep_energy" in locked.stderr
-    cli("export", "--out", out)
+    cli("export", "--out", out, "export.choose=latency", "export.batch=8", "export.channels_last=true")
     cli("report", "--out", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["keep_energy"] == 0.99
+    ev = json.loads(cli("evaluate", "--out", out).stdout)  # latency-chosen layers, same function
+    assert ev["compact_accuracy"] == pytest.approx(ev["model_accuracy"], abs=0.01)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -147,6 +149,14 @@ def test_corrupt_or_foreign_checkpoint_is_left_alone(tiny, tmp_path):
 def test_changed_config_of_a_started_run_is_refused(finished, tiny):
     res = cli("run", tiny[1], "--out", finished, "optim.lr=0.3", check=False)
     assert res.returncode == 2 and "optim.lr" in res.stderr
+
+
+def test_run_written_before_a_new_config_key_still_resumes(finished, tiny):
+    ckpt = finished / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["export"]  # as written by a version without the export section
+    torch.save(state, ckpt)
+    assert cli("run", tiny[1], "--out", finished, "--quiet").returncode == 0
 
 
 def test_non_finite_loss_stops_with_stage_and_step(tiny, tmp_path):

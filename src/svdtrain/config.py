@@ -19,6 +19,10 @@ DEFAULTS: dict = {
     "regularizer": {"orth": 1.0, "sparsity": "hoyer", "strength": 0.005},
     "prune": {"keep_energy": 0.9999, "macs_budget": 0.0},  # macs_budget > 0 replaces keep_energy
     "epochs": {"orth": 0, "train": 10, "finetune": 2},
+    # Each SVD layer is exported as its factor pair or one dense layer, whichever has fewer
+    # MACs ("macs") or runs faster on this machine, timed at export.batch in the memory
+    # format you will deploy with ("latency").
+    "export": {"choose": "macs", "batch": 1, "channels_last": False},
     "optim": {
         "name": "sgd",            # sgd | adam
         "lr": 0.2,
@@ -50,10 +54,11 @@ CHOICES = {
     "optim.name": ("sgd", "adam"),
     "optim.schedule": ("onecycle", "cosine", "step", "constant"),
     "device": ("auto", "cpu", "cuda"),
+    "export.choose": ("macs", "latency"),
 }
 
 # Which stage first uses a key: a finished stage's keys may not change on resume.
-_KEY_STAGE = {"prune.": "prune", "epochs.finetune": "finetune", "optim.finetune_lr": "finetune",
+_KEY_STAGE = {"export.": "export", "prune.": "prune", "epochs.finetune": "finetune", "optim.finetune_lr": "finetune",
               "epochs.train": "train", "regularizer.sparsity": "train", "regularizer.strength": "train"}
 _FREE = {"threads", "device", "amp", "channels_last", "eval_batch_size", "data_dir"}
 
@@ -151,7 +156,7 @@ def validate(cfg: dict) -> None:
     d = cfg["decompose"]
     if d["enabled"] and d["init"] == "svd" and not d["dense_checkpoint"]:
         raise ConfigError("decompose.init: svd needs decompose.dense_checkpoint (a dense state_dict file)")
-    if cfg["batch_size"] < 1 or cfg["eval_batch_size"] < 1:
+    if cfg["batch_size"] < 1 or cfg["eval_batch_size"] < 1 or cfg["export"]["batch"] < 1:
         raise ConfigError("batch sizes must be >= 1")
 
 
@@ -163,6 +168,19 @@ def key_stage(key: str) -> str | None:
         if key.startswith(prefix):
             return stage
     return "orth"
+
+
+def with_defaults(cfg: dict) -> dict:
+    """`cfg` with the keys added to DEFAULTS since it was written filled in (old runs resume)."""
+    def merge(dst: dict, src: dict) -> None:
+        for key, value in src.items():
+            if isinstance(value, dict) and isinstance(dst.get(key), dict):
+                merge(dst[key], value)
+            else:
+                dst[key] = value
+    out = copy.deepcopy(DEFAULTS)
+    merge(out, cfg)
+    return out
 
 
 def diff(a: dict, b: dict) -> list[str]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -13,35 +15,46 @@ from .macs import profile
 log = logging.getLogger("svdtrain")
 
 
-def export(model: nn.Module, input_shape=None, trace: bool = True) -> nn.Module:
+def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str = "macs",
+           round_to: int = 8, reps: int = 7, channels_last: bool = False) -> nn.Module:
     """A new model with the same outputs in which every SVD layer is ordinary layers.
 
     Each SVD layer becomes its two factor layers at its rank (an nn.Sequential of two
-    Conv2d/Linear), or one dense Conv2d/Linear where that costs fewer MACs. With
-    `input_shape` the choice uses the real feature-map sizes (it matters only for spatial
-    mode); without, it assumes each layer's input is its output times its stride.
+    Conv2d/Linear) or one dense Conv2d/Linear, whichever is cheaper:
+      choose="macs"     fewer MACs. With `input_shape` the choice uses the real feature-map
+                        sizes (it matters only for spatial mode); without, it assumes each
+                        layer's input is its output times its stride.
+      choose="latency"  faster on this machine, measured: each layer's dense form, its
+                        factor pair, and the pair with its rank padded with zeros up to a
+                        multiple of `round_to` (same outputs; kernels often prefer such
+                        channel counts) run on random inputs of the layer's real shape at
+                        `input_shape` (batch included: choose at the batch you deploy) with
+                        the current torch thread count; the median of `reps` interleaved
+                        runs decides. The result is specific to this CPU/GPU and batch.
 
     trace=True returns a torch.fx GraphModule, so the result holds no svdtrain class at all
     and unpickles without svdtrain; models that torch.fx cannot trace fall back (logged) to
     a copy of the model's own structure. The original model is not changed.
     """
+    if choose not in ("macs", "latency"):
+        raise ValueError(f"choose must be 'macs' or 'latency', not {choose!r}")
+    if choose == "latency" and input_shape is None:
+        raise ValueError("choose='latency' needs input_shape (the deployment batch and size)")
     compact = copy.deepcopy(unwrap(model))
-    use_factored = {}
-    if input_shape is not None:
-        for rec in profile(compact, input_shape):
-            if isinstance(rec.module, SVDLayer):
-                use_factored[id(rec.module)] = rec.macs("factored") < rec.dense
+    costs = {id(rec.module): rec for rec in profile(compact, input_shape)
+             if isinstance(rec.module, SVDLayer)} if input_shape is not None else {}
     replacements = []
     for name, module in compact.named_modules():
-        if isinstance(module, SVDLayer):
-            if id(module) in use_factored:
-                factored = use_factored[id(module)]
-            else:
-                dense, fac = module.macs()
-                factored = fac < dense
-            new = module.factor_layers() if factored else module.dense_layer()
-            new.train(module.training)
-            replacements.append((name, new.to(module.U.device, module.U.dtype)))
+        if not isinstance(module, SVDLayer):
+            continue
+        rec = costs.get(id(module))
+        if choose == "latency" and rec is not None:
+            new = _fastest(name, module, rec.input_shape, round_to, reps, channels_last)
+        else:
+            dense, factored = (rec.dense, rec.macs("factored")) if rec is not None else module.macs()
+            new = module.factor_layers() if factored < dense else module.dense_layer()
+        new.train(module.training)
+        replacements.append((name, new.to(module.U.device, module.U.dtype)))
     for name, new in replacements:
         if not name:
             return new  # the model was a single SVD layer
@@ -55,6 +68,57 @@ def export(model: nn.Module, input_shape=None, trace: bool = True) -> nn.Module:
         log.info("svdtrain: torch.fx could not trace the model (%s); export keeps its "
                  "module structure", str(err).splitlines()[0] if str(err) else type(err).__name__)
         return compact
+
+
+def pad_rank(pair: nn.Sequential, rank: int) -> nn.Sequential:
+    """The factor pair with `rank` inner channels/features, the added ones zero: same outputs."""
+    first, second = copy.deepcopy(pair[0]), copy.deepcopy(pair[1])
+    extra = rank - first.weight.shape[0]
+    if extra < 0:
+        raise ValueError(f"pad_rank: rank {rank} is below the pair's rank {first.weight.shape[0]}")
+    with torch.no_grad():
+        first.weight = nn.Parameter(torch.cat([first.weight, first.weight.new_zeros(
+            (extra,) + first.weight.shape[1:])], 0))
+        second.weight = nn.Parameter(torch.cat([second.weight, second.weight.new_zeros(
+            (second.weight.shape[0], extra) + second.weight.shape[2:])], 1))
+    if isinstance(first, nn.Conv2d):
+        first.out_channels, second.in_channels = rank, rank
+    else:
+        first.out_features, second.in_features = rank, rank
+    return nn.Sequential(first, second)
+
+
+def _fastest(name: str, layer: SVDLayer, input_shape, round_to: int, reps: int,
+             channels_last: bool) -> nn.Module:
+    """Time the layer's ordinary forms on an input of `input_shape`; return the fastest."""
+    pair = layer.factor_layers()
+    candidates = {"dense": layer.dense_layer(), "factored": pair}
+    padded = -(-layer.rank // round_to) * round_to if round_to > 1 else layer.rank
+    if layer.rank < padded < layer.full_rank:
+        candidates[f"factored, rank padded to {padded}"] = pad_rank(pair, padded)
+    p = layer.U
+    x = torch.randn(input_shape, device=p.device, dtype=p.dtype)
+    fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    times = {key: [] for key in candidates}
+    for m in candidates.values():  # outside inference mode: these become the model's weights
+        m.to(p.device, p.dtype).eval().to(memory_format=fmt)
+    with torch.inference_mode():
+        for m in candidates.values():
+            m(x)  # warm-up: kernel selection, allocation
+        for _ in range(reps):
+            for key, m in candidates.items():
+                if p.is_cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                m(x)
+                if p.is_cuda:
+                    torch.cuda.synchronize()
+                times[key].append(time.perf_counter() - t0)
+    best = min(times, key=lambda k: statistics.median(times[k]))
+    log.debug("svdtrain: %s -> %s (%s)", name, best,
+              ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in times.items()))
+    return candidates[best]
 
 
 def export_program(compact: nn.Module, example_input: torch.Tensor, path=None, dynamic_batch: bool = True):

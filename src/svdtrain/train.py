@@ -297,7 +297,7 @@ class Run:
         self.state = self._load_or_create(cfg)
         if self.world > 1:
             dist.barrier()  # every rank has read the run dir before rank 0 writes to it
-        self.cfg = self.state["config"]
+        self.cfg = self.state["config"] = config_mod.with_defaults(self.state["config"])
 
     # ----- checkpoint -----
     def _load_or_create(self, cfg):
@@ -327,7 +327,7 @@ class Run:
 
     @staticmethod
     def _merge_config(state, cfg):
-        changed = config_mod.diff(state["config"], cfg)
+        changed = config_mod.diff(config_mod.with_defaults(state["config"]), cfg)
         done = set(state["done"]) | ({state["stage"]} if state["epoch"] else set())
         locked = [k for k in changed if config_mod.key_stage(k) in done]
         if locked:
@@ -528,7 +528,9 @@ class Run:
         model = unwrap(self.model).to("cpu").eval()
         atomic_save(model.state_dict(), self.out / "model_state.pt")
         atomic_write_text(self.out / "ranks.json", json.dumps(ranks(model), indent=1) + "\n")
-        compact = export(model, input_shape=self.shape).eval()
+        ex = self.cfg["export"]
+        compact = export(model, input_shape=(ex["batch"],) + tuple(self.shape[1:]), choose=ex["choose"],
+                         channels_last=ex["channels_last"]).eval()
         example = torch.zeros((2,) + self.shape[1:])
         tmp = self.out / "compact.tmp.pt2"
         export_program(compact, example, tmp, dynamic_batch=True)
