@@ -90,6 +90,8 @@ def finetune_point(work, method, level, model, data, cfg, reg=None, train_second
         checkpoint=out / "finetune.pt")
     seconds = time.perf_counter() - t0
     model.eval()
+    if any(svdtrain.svd_layers(model)):  # the SVD-form state, for re-exports (deploy_latency.py)
+        torch.save(model.state_dict(), out / "model_state.pt")
     compact = svdtrain.export(model, input_shape=SHAPE) if any(svdtrain.svd_layers(model)) else model
     svdtrain.export_program(compact.eval(), torch.zeros(2, 3, 32, 32), out / "compact.pt2")
     return {"method": method, "level": level, "macs": svdtrain.count_macs(model, SHAPE),
@@ -218,16 +220,30 @@ def write_results(args, work: Path, cfg: dict):
               "batch_size": args.batch, "optimizer": "SGD nesterov 0.9, wd 5e-4 (not on s)",
               "schedule": f"one-cycle peak {args.lr}; fine-tune cosine from {args.finetune_lr}",
               "augmentation": "pad-4 random crop + horizontal flip", "label_smoothing": 0.1, "seed": args.seed,
-              "svd_training": f"channel, random init, orthogonality 1.0 + Hoyer {args.hoyer}, prune to MACs level",
               "trp": f"m={args.trp_every}, energy {args.trp_energy}, nuclear {args.trp_nuclear}, channel"}
     rows = [p for p in points if p["method"] != "dense"]
-    for p in rows:  # the untagged SVD-training runs were made with Hoyer 0.01 (see run_methods)
-        if p["method"] == "svd_training":
-            p.setdefault("hoyer", 0.01)
+    svd = [p for p in rows if p["method"] == "svd_training"]
+    for p in svd:  # the untagged SVD-training runs were made with Hoyer 0.01 (see main)
+        p.setdefault("hoyer", 0.01)
+    # SVD-training series: one run pruned to every level (a Hoyer strength that covers all
+    # levels), or one strength per level (--hoyer-levels). With both present, the per-level
+    # sweep is "svd_training" and each single-run series "svd_training_h<strength>".
+    single = {h for h in {p["hoyer"] for p in svd} if {p["level"] for p in svd if p["hoyer"] == h} == set(LEVELS)}
+    per_level = [p for p in svd if p["hoyer"] not in single]
+    for p in svd:
+        p["series"] = "one run" if p["hoyer"] in single else "per level"
+        if per_level and p["hoyer"] in single:
+            p["method"] = f"svd_training_h{p['hoyer']:g}"
+    budget["svd_training"] = (
+        "channel, random init, orthogonality 1.0 + Hoyer "
+        + ("per level " + ", ".join(f"{lv} {p['hoyer']:g}" for lv in LEVELS for p in per_level if p["level"] == lv)
+           if per_level else ", ".join(f"{h:g}" for h in sorted(single)))
+        + ", prune to MACs level" + ("; svd_training_h*: one run at that strength pruned to every level"
+                                     if per_level and single else ""))
     result = {"budget": budget,
               "dense": {"accuracy": dense["accuracy"], "macs": dense["macs"]} if dense else None,
               "points": [{k: p[k] for k in ("method", "level", "macs", "accuracy", "accuracy_before_finetune",
-                                            "params", "hoyer") if k in p} for p in rows],
+                                            "params", "hoyer", "series") if k in p} for p in rows],
               "machine": f"{platform.machine()}, {args.threads} CPU threads, torch {torch.__version__}",
               "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/compare_cifar10.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")}
@@ -239,7 +255,7 @@ def write_results(args, work: Path, cfg: dict):
     for lv in LEVELS:
         for p in sorted((p for p in rows if p["level"] == lv), key=lambda p: -p["accuracy"]):
             delta = f"{100 * (p['accuracy'] - dense['accuracy']):+.2f}" if dense else "-"
-            label = p["method"] + (f" (Hoyer {p['hoyer']:g})" if "hoyer" in p else "")
+            label = f"{p['method']} (Hoyer {p['hoyer']:g}, {p['series']})" if "series" in p else p["method"]
             lines.append(f"| {label} | {lv} | {p['macs'] / 1e6:.2f}M | {100 * p['macs'] / p['dense_macs']:.1f}% "
                          f"| {100 * p['accuracy']:.2f}% | {100 * p.get('accuracy_before_finetune', float('nan')):.2f}% "
                          f"| {delta} |")
@@ -250,7 +266,8 @@ def write_results(args, work: Path, cfg: dict):
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({p["method"] for p in rows}):
         pts = sorted((p for p in rows if p["method"] == method), key=lambda p: p["macs"])
-        ax.plot([p["macs"] / 1e6 for p in pts], [100 * p["accuracy"] for p in pts], "o-", label=method)
+        label = f"{method} (Hoyer {pts[0]['series']})" if "series" in pts[0] else method
+        ax.plot([p["macs"] / 1e6 for p in pts], [100 * p["accuracy"] for p in pts], "o-", label=label)
     if dense:
         ax.scatter([dense["macs"] / 1e6], [100 * dense["accuracy"]], marker="*", s=150, c="k", label="dense", zorder=5)
     ax.set_xlabel("whole-model MACs (M)")
