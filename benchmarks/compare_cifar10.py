@@ -115,7 +115,11 @@ def main(argv=None):
     p.add_argument("--finetune-lr", type=float, default=0.02)
     p.add_argument("--hoyer", type=float, default=0.01, help="SVD training's Hoyer strength (one run, 3 levels)")
     p.add_argument("--hoyer-levels", default="",
-                   help="one Hoyer strength per level (50%%,33%%,25%%), e.g. 0.003,0.005,0.01: a run each")
+                   help="one Hoyer strength per level (of --levels), e.g. 0.003,0.005,0.01: a run each")
+    p.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS),
+                   help="the MACs levels to produce (default all)")
+    p.add_argument("--svd-init", default="random", choices=("random", "dense_init"),
+                   help="SVD training's from-scratch init (decompose.init); non-default tags the run dirs")
     p.add_argument("--trp-every", type=int, default=20, help="TRP's m (steps between truncations)")
     p.add_argument("--trp-energy", type=float, default=0.98, help="TRP's truncation energy threshold")
     p.add_argument("--trp-nuclear", type=float, default=3e-4, help="TRP's nuclear-norm weight")
@@ -134,6 +138,7 @@ def main(argv=None):
 
 
 def run_methods(args, work, cfg, data):
+    levels = {lv: LEVELS[lv] for lv in args.levels}
     dense_dir = work / "dense"
     dense_cfg = with_(cfg, "decompose.enabled=false")
     if "dense" in args.methods or any(m in args.methods for m in ("posthoc_svd", "filter_pruning")):
@@ -147,15 +152,19 @@ def run_methods(args, work, cfg, data):
 
     # One SVD-training run per Hoyer strength; each run is pruned to the levels it serves
     # (--hoyer: all three levels from one run; --hoyer-levels: one strength per level).
-    strengths = ([args.hoyer] * len(LEVELS) if not args.hoyer_levels
+    strengths = ([args.hoyer] * len(levels) if not args.hoyer_levels
                  else [float(v) for v in args.hoyer_levels.split(",")])
-    for (level, budget), hoyer in zip(LEVELS.items(), strengths):
-        tag = "" if hoyer == 0.01 else f"_h{hoyer:g}"  # 0.01: the first published run's dirs
+    if len(strengths) != len(levels):
+        raise SystemExit(f"--hoyer-levels needs one strength per level ({', '.join(levels)})")
+    svd_cfg = with_(cfg, f"decompose.init={args.svd_init}")
+    for (level, budget), hoyer in zip(levels.items(), strengths):
+        # 0.01 with random init: the first published run's dirs
+        tag = ("" if hoyer == 0.01 else f"_h{hoyer:g}") + ("" if args.svd_init == "random" else f"_{args.svd_init}")
         method = "svd_training"
         if not ("svd_training" in args.methods and not point_path(work, method + tag, level).exists()):
             continue
         trained = work / f"svd_training{tag}"
-        run_pipeline(trained, with_(cfg, f"regularizer.strength={hoyer}"), until="train")
+        run_pipeline(trained, with_(svd_cfg, f"regularizer.strength={hoyer}"), until="train")
         out = work / f"svd_training{tag}_{level.rstrip('%')}"
         if not out.exists():
             tmp = out.with_name(out.name + ".tmp")
@@ -163,18 +172,18 @@ def run_methods(args, work, cfg, data):
             shutil.copytree(trained, tmp)
             tmp.rename(out)
         pt = pipeline_point(work, method, level, out,
-                            with_(cfg, f"regularizer.strength={hoyer}", f"prune.macs_budget={budget}"))
-        pt["hoyer"] = hoyer
+                            with_(svd_cfg, f"regularizer.strength={hoyer}", f"prune.macs_budget={budget}"))
+        pt["hoyer"], pt["init"] = hoyer, args.svd_init
         save_point(work, pt, name=method + tag)
 
-    for level, budget in LEVELS.items():
+    for level, budget in levels.items():
         if todo("posthoc_svd", level):
             out = work / f"posthoc_svd_{level.rstrip('%')}"
             pc = with_(cfg, "decompose.init=svd", f"decompose.dense_checkpoint={dense_dir / 'model_state.pt'}",
                        "epochs.train=0", f"prune.macs_budget={budget}")
             save_point(work, pipeline_point(work, "posthoc_svd", level, out, pc))
 
-    for level, budget in LEVELS.items():
+    for level, budget in levels.items():
         if todo("filter_pruning", level):
             from svdtrain.baselines import filter_prune
             model = build_model("resnet20", 10)
@@ -182,7 +191,7 @@ def run_methods(args, work, cfg, data):
             model = filter_prune(model, torch.zeros(SHAPE), budget)
             save_point(work, finetune_point(work, "filter_pruning", level, model, data, cfg))
 
-    if any(todo("trp", lv) for lv in LEVELS):
+    if any(todo("trp", lv) for lv in levels):
         from svdtrain.baselines import TRP
         trp_dir = work / "trp"
         trp_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +210,7 @@ def run_methods(args, work, cfg, data):
         fit(model, data, with_(cfg, "decompose.enabled=false"), args.train_epochs, stage="train", quiet=True,
             checkpoint=trp_dir / "train.pt", on_backward=lambda m: trp.regularize(), on_step=after_step)
         train_seconds = time.perf_counter() - t0
-        for level, budget in LEVELS.items():
+        for level, budget in levels.items():
             if not todo("trp", level):
                 continue
             m = copy.deepcopy(model)
@@ -223,27 +232,30 @@ def write_results(args, work: Path, cfg: dict):
               "trp": f"m={args.trp_every}, energy {args.trp_energy}, nuclear {args.trp_nuclear}, channel"}
     rows = [p for p in points if p["method"] != "dense"]
     svd = [p for p in rows if p["method"] == "svd_training"]
-    for p in svd:  # the untagged SVD-training runs were made with Hoyer 0.01 (see main)
+    for p in svd:  # the untagged SVD-training runs were made with Hoyer 0.01, random init (see main)
         p.setdefault("hoyer", 0.01)
-    # SVD-training series: one run pruned to every level (a Hoyer strength that covers all
-    # levels), or one strength per level (--hoyer-levels). With both present, the per-level
-    # sweep is "svd_training" and each single-run series "svd_training_h<strength>".
-    single = {h for h in {p["hoyer"] for p in svd} if {p["level"] for p in svd if p["hoyer"] == h} == set(LEVELS)}
-    per_level = [p for p in svd if p["hoyer"] not in single]
+        p.setdefault("init", "random")
+    # SVD-training series: one run pruned to every level (a strength that covers all levels)
+    # or one strength per level (--hoyer-levels). The headline "svd_training" is the random-init
+    # per-level sweep where there is one, else the random-init single run; every other series
+    # is named "svd_training_h<strength>[_<init>]".
+    series = lambda p: (p["hoyer"], p["init"])  # noqa: E731
+    single = {k for k in map(series, svd) if {p["level"] for p in svd if series(p) == k} == set(LEVELS)}
+    headline = [p for p in svd if p["init"] == "random" and series(p) not in single] or \
+               [p for p in svd if p["init"] == "random" and series(p) == min(single, default=None)]
     for p in svd:
-        p["series"] = "one run" if p["hoyer"] in single else "per level"
-        if per_level and p["hoyer"] in single:
-            p["method"] = f"svd_training_h{p['hoyer']:g}"
+        p["series"] = ("one run" if series(p) in single else "per level") + \
+            ("" if p["init"] == "random" else f", init={p['init']}")
+        if not any(p is h for h in headline):
+            p["method"] = f"svd_training_h{p['hoyer']:g}" + ("" if p["init"] == "random" else f"_{p['init']}")
     budget["svd_training"] = (
         "channel, random init, orthogonality 1.0 + Hoyer "
-        + ("per level " + ", ".join(f"{lv} {p['hoyer']:g}" for lv in LEVELS for p in per_level if p["level"] == lv)
-           if per_level else ", ".join(f"{h:g}" for h in sorted(single)))
-        + ", prune to MACs level" + ("; svd_training_h*: one run at that strength pruned to every level"
-                                     if per_level and single else ""))
+        + ", ".join(f"{p['hoyer']:g} ({p['level']})" for lv in LEVELS for p in headline if p["level"] == lv)
+        + ", pruned to the MACs level; svd_training_h*: other strengths/inits (see series)")
     result = {"budget": budget,
               "dense": {"accuracy": dense["accuracy"], "macs": dense["macs"]} if dense else None,
               "points": [{k: p[k] for k in ("method", "level", "macs", "accuracy", "accuracy_before_finetune",
-                                            "params", "hoyer", "series") if k in p} for p in rows],
+                                            "params", "hoyer", "init", "series") if k in p} for p in rows],
               "machine": f"{platform.machine()}, {args.threads} CPU threads, torch {torch.__version__}",
               "date": datetime.date.today().isoformat(),
               "command": "python benchmarks/compare_cifar10.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import TINY_CONFIG as TINY
+import svdtrain
 from svdtrain.data import write_fake_cifar
 
 OUTPUTS = ["checkpoint.pt", "metrics.jsonl", "summary.json", "compact.pt2", "model_state.pt", "ranks.json",
@@ -213,3 +214,20 @@ def test_kill_during_first_checkpoint_write_still_resumes(tiny, tmp_path):
     (out / "checkpoint.pt.tmp").write_bytes(b"half written")
     cli("train", tiny[1], "--out", out, "--quiet", "epochs.orth=0", "epochs.train=1")
     assert (out / "checkpoint.pt").is_file()
+
+
+def test_dense_init_starts_from_the_fresh_dense_model_in_svd_form():
+    from types import SimpleNamespace
+
+    from svdtrain.config import load_config
+    from svdtrain.models import build_model
+    from svdtrain.train import build_run_model
+    data = SimpleNamespace(num_classes=10, in_channels=3)
+    cfg = load_config(None, ["model=small_cnn", "decompose.init=dense_init", "seed=3"])
+    svd = build_run_model(cfg, data).eval()
+    torch.manual_seed(3)
+    dense = build_model("small_cnn", num_classes=10, in_channels=3).eval()
+    x = torch.randn(4, 3, 32, 32)
+    assert list(svdtrain.svd_layers(svd))
+    with torch.no_grad():
+        assert torch.allclose(svd(x), dense(x), atol=1e-4)

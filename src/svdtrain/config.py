@@ -12,7 +12,8 @@ DEFAULTS: dict = {
     "decompose": {
         "enabled": True,          # false: plain dense training (a baseline)
         "mode": "channel",        # channel | spatial
-        "init": "random",         # random (from scratch) | svd (from dense_checkpoint)
+        "init": "random",         # from scratch: random (the reference's U, V Kaiming, s ~ |N(0,1)|) or
+                                  # dense_init (SVD of the model's own fresh dense init); svd: from dense_checkpoint
         "dense_checkpoint": "",   # state_dict file of the dense model, for init: svd
         "skip": [],               # qualified layer names left dense
     },
@@ -49,7 +50,7 @@ DEFAULTS: dict = {
 CHOICES = {
     "dataset": ("cifar10", "cifar100", "digits", "folder"),
     "decompose.mode": ("channel", "spatial"),
-    "decompose.init": ("random", "svd"),
+    "decompose.init": ("random", "dense_init", "svd"),
     "regularizer.sparsity": ("hoyer", "hoyer_square", "l1", "none"),
     "optim.name": ("sgd", "adam"),
     "optim.schedule": ("onecycle", "cosine", "step", "constant"),

@@ -30,7 +30,7 @@ def write_report(out: Path, summary: dict, metrics: list[dict], info: dict, cfg:
         for i, m in enumerate(epochs):
             if i == 0 or epochs[i - 1]["stage"] != m["stage"]:
                 ax.axvline(i + 0.5, color="grey", lw=0.5)
-                ax.text(i + 0.6, ax.get_ylim()[0], m["stage"], fontsize=8, va="bottom")
+                ax.text(i + 0.6, ax.get_ylim()[0], m["stage"], fontsize=8, va="bottom", rotation=90)  # no overlap
         macs = [(i + 1, m.get("macs_at_threshold", m.get("macs"))) for i, m in enumerate(epochs)]
         macs = [(x, v) for x, v in macs if v is not None]
         if macs:

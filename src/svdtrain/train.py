@@ -94,7 +94,10 @@ def build_run_model(cfg: dict, data, fresh: bool = True) -> nn.Module:
             except RuntimeError as err:
                 raise RunError(f"{path} does not fit model {cfg['model']}: "
                                f"{str(err).splitlines()[0]}") from None
-        decompose(model, mode=d["mode"], init=d["init"] if fresh else "random", skip=d["skip"] or None)
+        # dense_init: the SVD of the freshly initialised dense weights, i.e. the dense model's
+        # own starting point in SVD form (singular values spread like a Kaiming init's).
+        init = "svd" if d["init"] in ("svd", "dense_init") else "random"
+        decompose(model, mode=d["mode"], init=init if fresh else "random", skip=d["skip"] or None)
     return model
 
 
