@@ -131,7 +131,9 @@ def main(argv=None):
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cfg = base_config(args)
-    if not args.report_only:
+    if not args.report_only:  # the results name every command that produced points
+        with open(work / "commands.txt", "a") as f:
+            f.write(" ".join(["python benchmarks/compare_cifar10.py", *(argv if argv is not None else sys.argv[1:])]) + "\n")
         data = load_dataset("cifar10", args.data_dir)
         run_methods(args, work, cfg, data)
     write_results(args, work, cfg)
@@ -258,7 +260,7 @@ def write_results(args, work: Path, cfg: dict):
                                             "params", "hoyer", "init", "series") if k in p} for p in rows],
               "machine": f"{platform.machine()}, {args.threads} CPU threads, torch {torch.__version__}",
               "date": datetime.date.today().isoformat(),
-              "command": "python benchmarks/compare_cifar10.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")}
+              "commands": (work / "commands.txt").read_text().splitlines() if (work / "commands.txt").exists() else []}
     (out / "compare_cifar10.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| method | level | whole-model MACs | % of dense | top-1 | before fine-tune | Δ vs dense |",
              "|---|---|---|---|---|---|---|"]
