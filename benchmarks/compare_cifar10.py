@@ -280,7 +280,11 @@ def write_results(args, work: Path, cfg: dict):
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({p["method"] for p in rows}):
         pts = sorted((p for p in rows if p["method"] == method), key=lambda p: p["macs"])
-        label = f"{method} (Hoyer {pts[0]['series']})" if "series" in pts[0] else method
+        if "series" in pts[0]:
+            strengths = "/".join(dict.fromkeys(f"{p['hoyer']:g}" for p in pts))
+            label = f"{method} (Hoyer {strengths}, {pts[0]['series']})"
+        else:
+            label = method
         ax.plot([p["macs"] / 1e6 for p in pts], [100 * p["accuracy"] for p in pts], "o-", label=label)
     if dense:
         ax.scatter([dense["macs"] / 1e6], [100 * dense["accuracy"]], marker="*", s=150, c="k", label="dense", zorder=5)
