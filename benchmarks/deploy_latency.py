@@ -24,7 +24,9 @@ import copy
 import datetime
 import json
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +103,7 @@ def main(argv=None):
     plain, macs = {}, {("dense", "-"): dense["macs"]}
     plain["dense", "-"] = torch.export.load(dense["compact"]).module()
     rows = []
+    tmp = tempfile.mkdtemp(prefix="svdtrain-latency-")
     for pt in points:
         name = pt["method"] + (f" (Hoyer {pt['hoyer']:g})" if "hoyer" in pt else "") + " " + pt["level"]
         rows.append((name, pt))
@@ -110,9 +113,13 @@ def main(argv=None):
         if model is not None:
             for fmt in FORMATS:
                 key = (name, f"latency/{fmt}")
-                plain[key] = svdtrain.export(model, input_shape=(128,) + SHAPE[1:], choose="latency",
-                                             channels_last=fmt != "nchw")
-                macs[key] = svdtrain.count_macs(plain[key], SHAPE)
+                compact = svdtrain.export(model, input_shape=(128,) + SHAPE[1:], choose="latency",
+                                          channels_last=fmt != "nchw")
+                macs[key] = svdtrain.count_macs(compact, SHAPE)
+                # shipped and loaded like the .pt2 files above, so both run the same way
+                path = Path(tmp) / f"{len(plain)}.pt2"
+                svdtrain.export_program(compact, torch.zeros((2,) + SHAPE[1:]), path)
+                plain[key] = torch.export.load(str(path)).module()
     models = {}
     for (name, export), m in plain.items():
         for fmt, mf in FORMATS.items():
@@ -121,6 +128,7 @@ def main(argv=None):
             models[name, export, fmt] = copy.deepcopy(m).to(memory_format=mf)
     b1 = time_models(models, 1, args.reps, args.warmup)
     b128 = time_models(models, 128, args.reps_b128, args.warmup)
+    shutil.rmtree(tmp, ignore_errors=True)
 
     variants = []
     for name, pt in rows:
