@@ -184,3 +184,17 @@ def test_pad_rank_adds_zero_channels_with_the_same_outputs(mode):
     with torch.no_grad():
         assert _rel_err(padded(x), pair(x)) < 1e-6
         assert _rel_err(padded(x), layer(x)) < 1e-5
+
+
+def test_latency_choice_in_channels_last_saves_and_loads_as_a_program(tmp_path):
+    model = randomize_bn(TinyResNet()).eval()
+    svdtrain.decompose(model, mode="channel", init="svd")
+    svdtrain.prune(model, keep_energy=0.8)
+    shape = (4, 3, 16, 16)
+    compact = svdtrain.export(model, input_shape=shape, choose="latency", reps=1, channels_last=True)
+    svdtrain.export_program(compact, torch.zeros(shape), tmp_path / "m.pt2")
+    loaded = torch.export.load(str(tmp_path / "m.pt2")).module()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert _rel_err(loaded(x), model(x)) < 1e-4
+        assert _rel_err(loaded(x.contiguous(memory_format=torch.channels_last)), model(x)) < 1e-4

@@ -118,7 +118,9 @@ def _fastest(name: str, layer: SVDLayer, input_shape, round_to: int, reps: int,
     best = min(times, key=lambda k: statistics.median(times[k]))
     log.debug("svdtrain: %s -> %s (%s)", name, best,
               ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in times.items()))
-    return candidates[best]
+    # Weights go back to the standard layout: torch.export saves and loads that one cleanly;
+    # converting the deployed model to channels_last is the user's one call.
+    return candidates[best].to(memory_format=torch.contiguous_format)
 
 
 def export_program(compact: nn.Module, example_input: torch.Tensor, path=None, dynamic_batch: bool = True):
