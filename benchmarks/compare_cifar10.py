@@ -59,6 +59,17 @@ def point_path(work: Path, method: str, level: str) -> Path:
     return work / "points" / f"{method}_{level.rstrip('%')}.json"
 
 
+def load_points(work: Path) -> list[dict]:
+    """Every finished point. The first comparison's SVD-training points predate the
+    hoyer/init fields: they were made with Hoyer 0.01 and random init."""
+    points = [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
+    for p in points:
+        if p["method"] == "svd_training":
+            p.setdefault("hoyer", 0.01)
+            p.setdefault("init", "random")
+    return points
+
+
 def save_point(work: Path, point: dict, name: str | None = None) -> None:
     path = point_path(work, name or point["method"], point["level"])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +233,7 @@ def run_methods(args, work, cfg, data):
 
 
 def write_results(args, work: Path, cfg: dict):
-    points = [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
+    points = load_points(work)
     dense = next((p for p in points if p["method"] == "dense"), None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,9 +245,6 @@ def write_results(args, work: Path, cfg: dict):
               "trp": f"m={args.trp_every}, energy {args.trp_energy}, nuclear {args.trp_nuclear}, channel"}
     rows = [p for p in points if p["method"] != "dense"]
     svd = [p for p in rows if p["method"] == "svd_training"]
-    for p in svd:  # the untagged SVD-training runs were made with Hoyer 0.01, random init (see main)
-        p.setdefault("hoyer", 0.01)
-        p.setdefault("init", "random")
     # SVD-training series: one run pruned to every level (a strength that covers all levels)
     # or one strength per level (--hoyer-levels). The headline "svd_training" is the random-init
     # per-level sweep where there is one, else the random-init single run; every other series

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import svdtrain
+from compare_cifar10 import load_points  # benchmarks/ is on sys.path when run as a script
 from svdtrain.models import build_model
 
 HERE = Path(__file__).resolve().parent
@@ -59,9 +60,7 @@ def time_models(models: dict, batch: int, reps: int, warmup: int) -> dict:
 
 def label(point: dict) -> str:
     """method, with the SVD-training strength and non-default init that tell runs apart."""
-    # the first comparison's SVD-training points predate the "hoyer" field: they used 0.01
-    hoyer = point.get("hoyer", 0.01 if point["method"] == "svd_training" else None)
-    extra = [f"Hoyer {hoyer:g}"] if hoyer is not None else []
+    extra = [f"Hoyer {point['hoyer']:g}"] if "hoyer" in point else []
     extra += [f"init {point['init']}"] if point.get("init", "random") != "random" else []
     return point["method"] + (f" ({', '.join(extra)})" if extra else "")
 
@@ -100,7 +99,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    points = [json.loads(f.read_text()) for f in sorted((Path(args.work) / "points").glob("*.json"))]
+    points = load_points(Path(args.work))
     dense = next((pt for pt in points if pt["method"] == "dense"), None)
     if dense is None:
         raise SystemExit(f"no dense point in {args.work}: run benchmarks/compare_cifar10.py first")

@@ -59,8 +59,8 @@ CHOICES = {
 }
 
 # Which stage first uses a key: a finished stage's keys may not change on resume.
-_KEY_STAGE = {"export.": "export", "prune.": "prune", "epochs.finetune": "finetune", "optim.finetune_lr": "finetune",
-              "epochs.train": "train", "regularizer.sparsity": "train", "regularizer.strength": "train"}
+_KEY_STAGE = {"export.": "export", "prune.": "prune", "epochs.finetune": "finetune",
+              "optim.finetune_lr": "finetune", "epochs.train": "train", "regularizer.sparsity": "train", "regularizer.strength": "train"}
 _FREE = {"threads", "device", "amp", "channels_last", "eval_batch_size", "data_dir"}
 
 

@@ -93,7 +93,7 @@ def _fastest(name: str, layer: SVDLayer, input_shape, round_to: int, reps: int,
     """Time the layer's ordinary forms on an input of `input_shape`; return the fastest."""
     pair = layer.factor_layers()
     candidates = {"dense": layer.dense_layer(), "factored": pair}
-    padded = -(-layer.rank // round_to) * round_to if round_to > 1 else layer.rank
+    padded = -(-layer.rank // round_to) * round_to if round_to > 1 else layer.rank  # rounded up
     if layer.rank < padded < layer.full_rank:
         candidates[f"factored, rank padded to {padded}"] = pad_rank(pair, padded)
     p = layer.U
@@ -101,7 +101,7 @@ def _fastest(name: str, layer: SVDLayer, input_shape, round_to: int, reps: int,
     fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
     times = {key: [] for key in candidates}
-    for m in candidates.values():  # outside inference mode: these become the model's weights
+    for m in candidates.values():  # outside inference mode: one of them joins the model
         m.to(p.device, p.dtype).eval().to(memory_format=fmt)
     with torch.inference_mode():
         for m in candidates.values():

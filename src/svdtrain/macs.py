@@ -46,13 +46,16 @@ def profile(model: nn.Module, input_shape) -> list[LayerCost]:
                 else:
                     in_hw, batch = tuple(x.shape[-2:]), (x.shape[0] if x.dim() == 4 else 1)
                 dense, factored_r1 = module.macs(in_hw, rank=1)
-                records.append(LayerCost(name, module, batch * dense, batch * factored_r1, tuple(x.shape)))
+                records.append(LayerCost(name, module, batch * dense, batch * factored_r1,
+                                         input_shape=tuple(x.shape)))
             elif isinstance(module, nn.Conv2d):
                 kh, kw = module.kernel_size
                 per_out = (module.in_channels // module.groups) * kh * kw
-                records.append(LayerCost(name, module, output.numel() * per_out, input_shape=tuple(x.shape)))
+                records.append(LayerCost(name, module, output.numel() * per_out,
+                                         input_shape=tuple(x.shape)))
             elif isinstance(module, nn.Linear):
-                records.append(LayerCost(name, module, output.numel() * module.in_features, input_shape=tuple(x.shape)))
+                records.append(LayerCost(name, module, output.numel() * module.in_features,
+                                         input_shape=tuple(x.shape)))
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()

@@ -300,7 +300,7 @@ class Run:
         self.state = self._load_or_create(cfg)
         if self.world > 1:
             dist.barrier()  # every rank has read the run dir before rank 0 writes to it
-        self.cfg = self.state["config"] = config_mod.with_defaults(self.state["config"])
+        self.cfg = self.state["config"]
 
     # ----- checkpoint -----
     def _load_or_create(self, cfg):
@@ -314,6 +314,7 @@ class Run:
                                "it was left untouched: move it away or use another --out") from None
             if not isinstance(state, dict) or state.get("format") != FORMAT:
                 raise RunError(f"{path} is not an svdtrain run checkpoint; it was left untouched")
+            state["config"] = config_mod.with_defaults(state["config"])  # keys added since it was written
             if cfg is not None:
                 self._merge_config(state, cfg)
             return state
@@ -330,7 +331,7 @@ class Run:
 
     @staticmethod
     def _merge_config(state, cfg):
-        changed = config_mod.diff(config_mod.with_defaults(state["config"]), cfg)
+        changed = config_mod.diff(state["config"], cfg)
         done = set(state["done"]) | ({state["stage"]} if state["epoch"] else set())
         locked = [k for k in changed if config_mod.key_stage(k) in done]
         if locked:
