@@ -9,7 +9,7 @@ from torch import nn
 
 import svdtrain
 from helpers import GroupedNet, TinyResNet, randomize_bn
-from svdtrain.baselines import TRP, filter_prune, posthoc_svd
+from svdtrain.baselines import TRP, GroupSparsity, filter_prune, posthoc_svd
 from svdtrain.models import SmallCNN, resnet20
 
 
@@ -100,6 +100,30 @@ def test_filter_prune_small_cnn_with_ignored_layer():
     assert 0.25 * dense <= hand_macs(model, shape) <= 0.3 * dense
     assert model.features[0].out_channels == 16 and model.fc.out_features == 7
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 7)
+
+
+def test_group_sparsity_shrinks_weak_channel_groups_then_filter_prune_meets_target():
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=5, in_channels=1, width=16)
+    shape = (1, 1, 8, 8)
+    dense = hand_macs(model, shape)
+    sparsity = GroupSparsity(model, torch.zeros(shape), reg=0.5)
+    before = model.features[0].weight.detach().flatten(1).norm(dim=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 5, (16,))
+    for _ in range(20):
+        loss = torch.nn.functional.cross_entropy(model(x), y) * 0  # the penalty alone
+        opt.zero_grad()
+        loss.backward()
+        sparsity.regularize()
+        opt.step()
+    after = model.features[0].weight.detach().flatten(1).norm(dim=1)
+    # Every group shrinks; the weakest ones (relatively) the most, up to 2^alpha times faster.
+    assert torch.all(after < before)
+    ratio = after / before
+    assert ratio[before.argmin()] < ratio[before.argmax()]
+    filter_prune(model, torch.randn(shape), 0.4, p=2)
+    assert hand_macs(model, shape) <= 0.4 * dense and model.fc.out_features == 5
 
 
 def test_filter_prune_unreachable_target():

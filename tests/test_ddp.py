@@ -14,7 +14,8 @@ def test_torchrun_two_gloo_processes(tmp_path):
     cfg.write_text(TINY_CONFIG.format(data=tmp_path / "data"))
     out = tmp_path / "run"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "svdtrain",
-                          "run", str(cfg), "--out", str(out), "--quiet", "epochs.orth=0"], capture_output=True, text=True, timeout=300)
+                          "run", str(cfg), "--out", str(out), "--quiet", "epochs.orth=0",
+                          "regularizer.target_macs=0.6"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("svdtrain: top-1") == 1  # one result line: rank 0 only
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -22,6 +23,9 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert len(trained) == 3
     # Every rank ran the same regularized steps on its own shard and DDP kept the replicas equal.
     assert all(m["world_size"] == 2 and m["replica_spread"] < 1e-6 for m in trained)
+    # The budget controller reads only synced parameters: the same strength on every rank.
+    steered = [m for m in trained if m["stage"] == "train"]
+    assert steered and all(m["strength_spread"] == 0.0 for m in steered)
     assert not list(out.glob("*.tmp*"))
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["accuracy"] <= 1.0

@@ -174,9 +174,13 @@ def _final(out):
         for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_after_sigkill_gives_identical_result(finished, tiny, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("regularizer.target_macs=0.5",)], ids=["fixed", "budget"])
+def test_resume_after_sigkill_gives_identical_result(finished, tiny, tmp_path, extra):
+    if extra:  # the uninterrupted reference with the same settings
+        finished = tmp_path / "reference"
+        cli("run", tiny[1], "--out", finished, "--quiet", *extra)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "svdtrain", "run", str(tiny[1]), "--out", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "svdtrain", "run", str(tiny[1]), "--out", str(out), "--quiet", *extra]
     for lines_before_kill in (1, 3):  # kill in the orth stage, then in the train stage
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120

@@ -126,3 +126,46 @@ def test_macs_budget_never_cuts_a_layer_that_still_deploys_dense():
     for k in ranks.values():
         assert k <= 7 or k == 16
     assert any(k == 16 for k in ranks.values())  # some layer was not needed at all
+
+
+def test_pruned_values_stay_zero_under_a_kept_sgd_optimizer_with_momentum():
+    torch.manual_seed(0)
+    model = svdtrain.decompose(TinyResNet(), init="random")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.01)
+    for _ in range(3):  # build up momentum on every singular value
+        loss = torch.nn.functional.cross_entropy(model(x), y) + reg(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    svdtrain.prune(model, keep_energy=0.9, optimizer=opt)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(x), y) + reg(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for _, layer in svdtrain.svd_layers(model):
+        assert (~layer.active).any()
+        assert torch.all(layer.s.detach()[~layer.active] == 0)
+
+
+class Twice(torch.nn.Module):
+    """One Linear called twice in forward: its MACs count twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(32, 32)
+        self.head = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inner(torch.relu(self.inner(x)))))
+
+
+def test_a_layer_called_twice_meets_a_macs_budget():
+    torch.manual_seed(0)
+    model = svdtrain.decompose(Twice(), init="svd")
+    dense = 2 * 32 * 32 + 32 * 4
+    assert svdtrain.count_macs(model, (1, 32), cost="dense") == dense
+    svdtrain.prune(model, macs_budget=0.5, input_shape=(1, 32))
+    assert svdtrain.count_macs(model, (1, 32)) <= 0.5 * dense

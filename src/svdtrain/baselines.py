@@ -2,8 +2,10 @@
 
 - `posthoc_svd`: truncated SVD of a trained dense model (decompose with init="svd", prune);
   fine-tune afterwards with your ordinary loop.
-- `filter_prune`: structured filter pruning (Torch-Pruning, global L1 group magnitude) to a
+- `filter_prune`: structured filter pruning (Torch-Pruning, global group magnitude) to a
   whole-model MACs target; needs `pip install svdtrain[baselines]`.
+- `GroupSparsity`: Torch-Pruning's sparse-training path (DepGraph's group-norm
+  regularization) to run in your loop before `filter_prune(..., p=2)`.
 - `TRP`: Trained Rank Pruning (Xu et al., IJCAI 2020): dense training with a periodic
   in-place SVD truncation of every weight and a nuclear-norm subgradient.
 """
@@ -55,8 +57,9 @@ _BISECTION_TRIALS = 12
 
 def filter_prune(model: nn.Module, example_inputs: torch.Tensor, macs_target: float, *,
                  ignored_layers: Iterable[nn.Module | str] | None = None, round_to: int | None = None,
-                 iterative_steps: int = 1) -> nn.Module:
-    """Prune filters (output channels) globally by L1 group magnitude until the whole
+                 iterative_steps: int = 1, p: int = 1) -> nn.Module:
+    """Prune filters (output channels) globally by group magnitude (Lp norm of each coupled
+    channel group, p=1 by default; p=2 after `GroupSparsity` training) until the whole
     model's MACs are <= `macs_target` x its dense MACs; modifies `model` in place and
     returns it.
 
@@ -89,7 +92,7 @@ def filter_prune(model: nn.Module, example_inputs: torch.Tensor, macs_target: fl
         net.eval()  # Torch-Pruning traces with a forward pass: keep BN running stats intact
         try:
             pruner = tp.pruner.BasePruner(
-                net, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=1),
+                net, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=p),
                 global_pruning=True, pruning_ratio=ratio, iterative_steps=iterative_steps,
                 ignored_layers=[net.get_submodule(n) for n in ignored], round_to=round_to)
             for _ in range(iterative_steps):
@@ -120,6 +123,49 @@ def filter_prune(model: nn.Module, example_inputs: torch.Tensor, macs_target: fl
         log.warning("svdtrain: filter_prune ended at %.4f of dense MACs, above the target %.4f",
                     final / dense, macs_target)
     return model
+
+
+class GroupSparsity:
+    """Torch-Pruning's sparse-training path (DepGraph, Fang et al. CVPR 2023): during training,
+    a group-norm penalty pushes whole coupled channel groups toward zero, with the weakest
+    groups pushed hardest (up to 2^alpha times), so that the later `filter_prune(..., p=2)`
+    removes channels that no longer matter.
+
+        sparsity = GroupSparsity(model, torch.zeros(1, 3, 32, 32), reg=5e-4)
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward()
+            sparsity.regularize()      # adds the penalty's gradient
+            opt.step()
+        filter_prune(model, torch.zeros(1, 3, 32, 32), 0.33, p=2)
+
+    reg: the penalty's weight (DepGraph's CIFAR default 5e-4). The classifier (the last layer
+    to run) is never penalized, as filter_prune never prunes it.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, reg: float = 5e-4, alpha: float = 4.0,
+                 ignored_layers: Iterable[nn.Module | str] | None = None):
+        try:
+            import torch_pruning as tp
+        except ImportError as err:
+            raise ImportError("GroupSparsity needs Torch-Pruning: pip install svdtrain[baselines]") from err
+        if reg < 0:
+            raise ValueError(f"reg must be >= 0, got {reg!r}")
+        root = unwrap(model)
+        ignored = _ignored_names(root, tuple(example_inputs.shape), ignored_layers)
+        was_training = root.training
+        root.eval()  # the dependency trace runs a forward pass: keep BN running stats intact
+        try:
+            self.pruner = tp.pruner.GroupNormPruner(
+                root, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=2), reg=reg,
+                global_pruning=True, ignored_layers=[root.get_submodule(n) for n in ignored])
+        finally:
+            root.train(was_training)
+        self.model, self.alpha = root, 2.0 ** alpha
+
+    def regularize(self) -> None:
+        """Add the group-norm penalty's gradient to .grad; call between backward() and step()."""
+        self.pruner.regularize(self.model, alpha=self.alpha)
 
 
 def _ignored_names(root: nn.Module, shape, extra) -> list[str]:
@@ -300,4 +346,4 @@ class TRP:
                                "its layers are SVD layers now")
 
 
-__all__ = ["posthoc_svd", "filter_prune", "TRP"]
+__all__ = ["posthoc_svd", "filter_prune", "GroupSparsity", "TRP"]

@@ -8,6 +8,8 @@ DEFAULTS: dict = {
     "model": "resnet20",          # resnet20/32/56/110, small_cnn, or tv:<torchvision name>
     "dataset": "cifar10",         # cifar10 | cifar100 | digits | folder
     "data_dir": "data",
+    "val_size": 0,                # > 0: hold out this many training images (fixed split) and
+                                  # report val_accuracy beside test_accuracy, for tuning
     "image_size": 64,             # folder datasets only
     "decompose": {
         "enabled": True,          # false: plain dense training (a baseline)
@@ -17,8 +19,13 @@ DEFAULTS: dict = {
         "dense_checkpoint": "",   # state_dict file of the dense model, for init: svd
         "skip": [],               # qualified layer names left dense
     },
-    "regularizer": {"orth": 1.0, "sparsity": "hoyer", "strength": 0.005},
-    "prune": {"keep_energy": 0.9999, "macs_budget": 0.0},  # macs_budget > 0 replaces keep_energy
+    # target_macs > 0: the sparsity strength is steered (from `strength`) so that the MACs
+    # pruning would keep reach this fraction of dense at target_at of the train stage
+    # (svdtrain/budget.py), and prune cuts to it (unless prune.macs_budget is set).
+    "regularizer": {"orth": 1.0, "sparsity": "hoyer", "strength": 0.005, "target_macs": 0.0, "target_at": 0.5},
+    # macs_budget > 0 replaces keep_energy. gradual (with regularizer.target_macs): mask values
+    # along the budget schedule during the train stage instead of all at once afterwards.
+    "prune": {"keep_energy": 0.9999, "macs_budget": 0.0, "gradual": False},
     "epochs": {"orth": 0, "train": 10, "finetune": 2},
     # Each SVD layer is exported as its factor pair or one dense layer, whichever has fewer
     # MACs ("macs") or runs faster on this machine, timed at export.batch in the memory
@@ -59,8 +66,9 @@ CHOICES = {
 }
 
 # Which stage first uses a key: a finished stage's keys may not change on resume.
-_KEY_STAGE = {"export.": "export", "prune.": "prune", "epochs.finetune": "finetune",
-              "optim.finetune_lr": "finetune", "epochs.train": "train", "regularizer.sparsity": "train", "regularizer.strength": "train"}
+_KEY_STAGE = {"export.": "export", "prune.gradual": "train", "prune.": "prune", "epochs.finetune": "finetune",
+              "optim.finetune_lr": "finetune", "epochs.train": "train", "regularizer.sparsity": "train", "regularizer.strength": "train",
+              "regularizer.target": "train"}
 _FREE = {"threads", "device", "amp", "channels_last", "eval_batch_size", "data_dir"}
 
 
@@ -154,9 +162,18 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"prune.keep_energy must be in (0, 1], got {p['keep_energy']}")
     if not 0.0 <= p["macs_budget"] <= 1.0:
         raise ConfigError(f"prune.macs_budget must be in [0, 1] (0 = off), got {p['macs_budget']}")
+    r = cfg["regularizer"]
+    if not 0.0 <= r["target_macs"] <= 1.0 or not 0.0 < r["target_at"] <= 1.0:
+        raise ConfigError("regularizer.target_macs must be in [0, 1] (0 = off) and regularizer.target_at in (0, 1]")
+    if cfg["prune"]["gradual"] and not r["target_macs"]:
+        raise ConfigError("prune.gradual follows the budget schedule: set regularizer.target_macs too")
+    if r["target_macs"] > 0 and r["sparsity"] == "none":
+        raise ConfigError("regularizer.target_macs steers the sparsity term: set regularizer.sparsity (e.g. hoyer)")
     d = cfg["decompose"]
     if d["enabled"] and d["init"] == "svd" and not d["dense_checkpoint"]:
         raise ConfigError("decompose.init: svd needs decompose.dense_checkpoint (a dense state_dict file)")
+    if cfg["val_size"] < 0:
+        raise ConfigError(f"val_size must be >= 0 (0 = no validation split), got {cfg['val_size']}")
     if cfg["batch_size"] < 1 or cfg["eval_batch_size"] < 1 or cfg["export"]["batch"] < 1:
         raise ConfigError("batch sizes must be >= 1")
 

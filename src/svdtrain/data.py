@@ -56,10 +56,24 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     name: str
+    x_val: torch.Tensor | None = None  # held out of the training images (see with_validation)
+    y_val: torch.Tensor | None = None
 
     def __repr__(self):
-        return (f"Dataset({self.name!r}, train={tuple(self.x_train.shape)}, test={tuple(self.x_test.shape)}, "
+        val = "" if self.x_val is None else f", val={tuple(self.x_val.shape)}"
+        return (f"Dataset({self.name!r}, train={tuple(self.x_train.shape)}{val}, test={tuple(self.x_test.shape)}, "
                 f"num_classes={self.num_classes})")
+
+    def with_validation(self, n: int, seed: int = 0) -> "Dataset":
+        """A copy whose last `n` training images of a fixed seeded shuffle are held out as
+        x_val/y_val (for choosing hyper-parameters without the test set). The split depends
+        only on `seed`, not on the run's seed: every run that asks for n sees the same one."""
+        if not 0 < n < len(self.x_train):
+            raise ValueError(f"validation size must be in 1..{len(self.x_train) - 1}, got {n}")
+        order = torch.randperm(len(self.x_train), generator=torch.Generator().manual_seed(seed))
+        keep, val = order[:-n].sort().values, order[-n:].sort().values
+        return Dataset(self.x_train[keep], self.y_train[keep], self.x_test, self.y_test,
+                       self.num_classes, self.name, self.x_train[val], self.y_train[val])
 
     @property
     def in_channels(self) -> int:

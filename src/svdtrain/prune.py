@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .layers import SVDLayer, svd_layers
-from .macs import profile
+from .macs import LayerCost, profile
 
 
 def energy_rank(s: torch.Tensor, keep_energy: float) -> int:
@@ -34,7 +34,7 @@ def _keep_top(layer: SVDLayer, k: int) -> None:
 
 
 def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: float | None = None,
-          input_shape=None) -> dict[str, int]:
+          input_shape=None, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Prune singular values of every SVD layer; returns {qualified_name: rank}.
 
     keep_energy: per layer, keep the fewest largest values whose squares hold at least this
@@ -49,6 +49,10 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
         of all values it removes over the MACs it saves. Layers never taken below that
         crossover keep all their values.
     Pruned values are masked and zeroed: they no longer affect output, losses or training.
+    optimizer: an optimizer you keep training with; its per-parameter state (momentum, Adam's
+        moments) is zeroed at the pruned entries, so pruned values stay exactly zero.
+    Calling prune again prunes again: keep_energy applies to what is still active, so each
+    call can remove more; a macs_budget the model already meets removes nothing.
     """
     if (keep_energy is None) == (macs_budget is None):
         raise ValueError("give exactly one of keep_energy or macs_budget")
@@ -61,8 +65,27 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
         for _, layer in layers:
             active_s = layer.s.detach()[layer.active]
             _keep_top(layer, energy_rank(active_s, float(keep_energy)))
-        return ranks(model)
-    return _prune_to_budget(model, float(macs_budget), input_shape)
+    else:
+        _prune_to_budget(model, float(macs_budget), input_shape)
+    if optimizer is not None:
+        clear_pruned_state(model, optimizer)
+    return ranks(model)
+
+
+def clear_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Zero the optimizer state (momentum buffers, Adam moments) of pruned singular values and
+    of their U/V columns, and the pruned values themselves: a kept optimizer's momentum would
+    otherwise move them away from zero."""
+    for _, layer in svd_layers(model):
+        dead = ~layer.active
+        if not bool(dead.any()):
+            continue
+        with torch.no_grad():
+            layer.s[dead] = 0.0
+            for param, index in ((layer.s, (dead,)), (layer.U, (slice(None), dead)), (layer.V, (slice(None), dead))):
+                for value in optimizer.state.get(param, {}).values():
+                    if torch.is_tensor(value) and value.shape == param.shape:
+                        value[index] = 0.0
 
 
 def _prune_to_budget(model: nn.Module, budget: float, input_shape) -> dict[str, int]:
@@ -73,7 +96,12 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape) -> dict[str, 
     records = profile(model, input_shape)
     dense_total = sum(r.macs("dense") for r in records)
     target = budget * dense_total
-    svd = {id(r.module): r for r in records if isinstance(r.module, SVDLayer)}
+    svd: dict[int, LayerCost] = {}  # per layer, its costs summed over every call in the pass
+    for r in records:
+        if isinstance(r.module, SVDLayer):
+            total_cost = svd.setdefault(id(r.module), LayerCost(r.name, r.module, 0, 0))
+            total_cost.dense += r.dense
+            total_cost.per_rank += r.per_rank
     rank = {key: r.module.rank for key, r in svd.items()}
     fixed = sum(r.macs() for r in records if not isinstance(r.module, SVDLayer))
 

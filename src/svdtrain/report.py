@@ -67,7 +67,29 @@ def write_report(out: Path, summary: dict, metrics: list[dict], info: dict, cfg:
         fig.savefig(out / "spectra.png", dpi=100)
         plt.close(fig)
         plots.append(("Singular-value spectra per layer", "spectra.png"))
-    # 3. Rank per layer.
+    # 3. Budget-driven training: MACs at threshold and strength per epoch against the target.
+    steered = [m for m in metrics if m.get("stage") == "train" and "strength" in m and "macs_at_threshold" in m]
+    target = cfg.get("regularizer", {}).get("target_macs") or 0.0
+    if steered and target:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        xs = [m["epoch"] for m in steered]
+        ax.plot(xs, [100 * m["macs_at_threshold"] / summary["dense_macs"] for m in steered], "o-",
+                label="MACs at keep_energy")
+        ax.plot(xs, [100 * m["macs_schedule"] / summary["dense_macs"] for m in steered if "macs_schedule" in m],
+                ":", color="grey", label="schedule")
+        ax.axhline(100 * target, color="k", lw=0.8, ls="--", label="target")
+        ax.set_xlabel("train epoch")
+        ax.set_ylabel("% of dense MACs")
+        ax2 = ax.twinx()
+        ax2.semilogy(xs, [m["strength"] for m in steered], "s--", color="tab:red", label="strength")
+        ax2.set_ylabel("sparsity strength", color="tab:red")
+        ax.legend(fontsize=8, loc="upper right")
+        ax.set_title("Budget-driven training")
+        fig.tight_layout()
+        fig.savefig(out / "budget.png", dpi=110)
+        plt.close(fig)
+        plots.append(("Budget-driven training", "budget.png"))
+    # 4. Rank per layer.
     ranks = summary.get("ranks") or {}
     shapes = info.get("layer_shapes", {})
     if ranks:
@@ -102,6 +124,8 @@ def write_report(out: Path, summary: dict, metrics: list[dict], info: dict, cfg:
                  f"| {d['params']:,} |")
     lines += ["", "MACs are multiply-accumulates of one forward pass of one image (whole model).",
               f"Training time: {d['train_seconds']:.0f} s.", ""]
+    if info.get("budget_warning"):
+        lines += [f"**Warning:** {info['budget_warning']}.", ""]
     if ranks:
         lines += ["Ranks kept: " + ", ".join(f"{n}={k}" for n, k in ranks.items()), ""]
     for title, fname in plots:

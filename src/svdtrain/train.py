@@ -15,6 +15,7 @@ Stages, in order:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import config as config_mod
+from .budget import BudgetController, budget_warning, macs_at_energy
 from .data import BatchLoader, load_dataset
 from .decompose import decompose
 from .export import export, export_program
@@ -35,7 +37,9 @@ from .layers import svd_layers, unwrap
 from .losses import Regularizer, param_groups
 from .macs import count_macs, count_params, profile
 from .models import build_model
-from .prune import energy_rank, prune, ranks
+from .prune import prune, ranks
+
+log = logging.getLogger("svdtrain")
 
 STAGES = ("orth", "train", "prune", "finetune", "export", "report")
 TRAIN_STAGES = ("orth", "train", "finetune")
@@ -68,7 +72,8 @@ def run_dataset(cfg: dict):
     """The dataset a run config names (errors as one-line RunErrors)."""
     kw = {"image_size": cfg["image_size"]} if cfg["dataset"] == "folder" else {}
     try:
-        return load_dataset(cfg["dataset"], cfg["data_dir"], **kw)
+        data = load_dataset(cfg["dataset"], cfg["data_dir"], **kw)
+        return data.with_validation(cfg["val_size"]) if cfg.get("val_size") else data
     except (FileNotFoundError, ValueError) as err:
         raise RunError(str(err).splitlines()[0]) from None
 
@@ -214,6 +219,8 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
                          seed=cfg["seed"], mean=data.mean, std=data.std, device=device)
     test = BatchLoader(data.x_test, data.y_test, cfg["eval_batch_size"], train=False,
                        mean=data.mean, std=data.std, device=device)
+    val = None if getattr(data, "x_val", None) is None else BatchLoader(
+        data.x_val, data.y_val, cfg["eval_batch_size"], train=False, mean=data.mean, std=data.std, device=device)
     opt, sched = make_optimizer(model, cfg, stage, epochs * len(loader))
     state = {"epoch": 0, "metrics": []}
     ckpt = Path(checkpoint) if checkpoint else None
@@ -230,6 +237,8 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
                             quiet=quiet, on_backward=on_backward, on_step=on_step)
         stats.update(stage=stage, epoch=epoch + 1, test_accuracy=evaluate(model, test),
                      seconds=round(time.perf_counter() - t0, 3))
+        if val is not None:
+            stats["val_accuracy"] = evaluate(model, val)
         state["metrics"].append(stats)
         if not quiet:
             log(f"[{stage} {epoch + 1}/{epochs}] loss {stats['task_loss']:.3f} test {stats['test_accuracy']:.2%}")
@@ -240,18 +249,24 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
     return state["metrics"]
 
 
+def spread(value, device) -> float:
+    """Max minus min of a number over all ranks."""
+    v = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(1)
+    hi, lo = v.clone(), -v
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MAX)
+    return float(hi + lo)
+
+
 def replica_spread(model: nn.Module) -> float:
     """Max minus min over ranks of a checksum of all parameters and buffers: 0.0 when every
     replica holds the same model (DDP must keep them identical, regularizer included)."""
     total = sum(t.detach().double().sum() for t in unwrap(model).state_dict().values()
                 if t.is_floating_point())
-    hi, lo = total.clone().reshape(1), (-total).reshape(1)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(lo, op=dist.ReduceOp.MAX)
-    spread = float(hi + lo)
-    if spread > 1e-6 * max(1.0, abs(float(total))):
-        raise RunError(f"DDP replicas diverged (parameter checksum spread {spread:.3g})")
-    return spread
+    gap = spread(total, total.device)
+    if gap > 1e-6 * max(1.0, abs(float(total))):
+        raise RunError(f"DDP replicas diverged (parameter checksum spread {gap:.3g})")
+    return gap
 
 
 def rng_state() -> dict:
@@ -375,6 +390,8 @@ class Run:
         self.train_loader = BatchLoader(d.x_train, d.y_train, cfg["batch_size"], train=True,
                                         augment=cfg["augment"], seed=cfg["seed"], **common)
         self.test_loader = BatchLoader(d.x_test, d.y_test, cfg["eval_batch_size"], train=False, **common)
+        self.val_loader = (None if d.x_val is None else
+                           BatchLoader(d.x_val, d.y_val, cfg["eval_batch_size"], train=False, **common))
         if len(self.train_loader) == 0:
             raise RunError(f"batch_size {cfg['batch_size']} is larger than the {len(d.x_train)} training images "
                            f"(per process); lower batch_size")
@@ -438,7 +455,8 @@ class Run:
         self._train_stage("train")
         if self.is_svd:
             self.state["info"]["spectra_after"] = spectra(self.model)
-        self.state["info"]["accuracy_trained"] = evaluate(self.model, self.test_loader, self.world)
+            self._check_budget()
+        self._record_accuracy("accuracy_trained")
 
     def _train_stage(self, stage):
         epochs = self._epochs(stage)
@@ -450,9 +468,17 @@ class Run:
         reg = Regularizer(orth=cfg["regularizer"]["orth"] if self.is_svd else 0.0,
                           sparsity=sparsity if self.is_svd else None, strength=strength)
         opt, sched = make_optimizer(self.model, cfg, stage, epochs * len(self.train_loader))
+        budget = self._budget(reg, opt, epochs * len(self.train_loader)) if sparsity and self.is_svd else None
         if self.state["optimizer"] is not None:
             opt.load_state_dict(self.state["optimizer"]["opt"])
             sched.load_state_dict(self.state["optimizer"]["sched"])
+            if budget is not None:
+                budget.load_state_dict(self.state["optimizer"]["budget"])
+
+        def on_step(model):
+            self.state["step"] += 1
+            if budget is not None:
+                budget.step()
         stage_seed = STAGES.index(stage) * 10_000
         for epoch in range(self.state["epoch"], epochs):
             t0 = time.perf_counter()
@@ -460,21 +486,28 @@ class Run:
             stats = train_epoch(ddp, self.train_loader, opt, sched, reg, cfg, self.device,
                                 desc=f"{stage} {epoch + 1}/{epochs}", quiet=self.quiet or self.rank != 0,
                                 world=self.world, where=f"stage '{stage}', epoch {epoch + 1}",
-                                on_step=self._count_step)
+                                on_step=on_step)
             if self.world > 1:
                 # BatchNorm statistics drift apart per rank after DDP's last broadcast: take
                 # rank 0's, so every rank evaluates (and rank 0 saves) the same model.
                 for buf in unwrap(self.model).buffers():
                     dist.broadcast(buf, src=0)
-            stats["test_accuracy"] = evaluate(self.model, self.test_loader, self.world)
+            stats.update(self.accuracies())
             if self.world > 1:
                 stats["world_size"] = self.world
                 stats["replica_spread"] = replica_spread(self.model)
             stats.update(stage=stage, epoch=epoch + 1, lr=opt.param_groups[0]["lr"],
                          seconds=round(time.perf_counter() - t0, 3), **self._rank_stats())
+            if sparsity and self.is_svd:
+                stats["strength"] = reg.strength
+            if budget is not None:
+                stats["macs_schedule"] = budget.schedule() * self.state["info"]["dense_macs"]
+                if self.world > 1:  # the controller reads only synced parameters: ranks must agree
+                    stats["strength_spread"] = spread(reg.strength, self.device)
             self.state["metrics"].append(stats)
             self.state.update(epoch=epoch + 1, model=unwrap(self.model).state_dict(),
-                              optimizer={"opt": opt.state_dict(), "sched": sched.state_dict()},
+                              optimizer={"opt": opt.state_dict(), "sched": sched.state_dict(),
+                                         "budget": budget.state_dict() if budget is not None else None},
                               rng=rng_state())
             self.save()
             if not self.quiet and self.rank == 0:
@@ -482,38 +515,65 @@ class Run:
                          f"train {stats['train_accuracy']:.2%} test {stats['test_accuracy']:.2%} "
                          f"{stats['seconds']:.0f}s")
 
-    def _count_step(self, model):
-        self.state["step"] += 1
+    def accuracies(self) -> dict:
+        """test_accuracy, and val_accuracy when the run holds out a validation split."""
+        out = {"test_accuracy": evaluate(self.model, self.test_loader, self.world)}
+        if self.val_loader is not None:
+            out["val_accuracy"] = evaluate(self.model, self.val_loader, self.world)
+        return out
+
+    def _record_accuracy(self, key: str) -> None:
+        """info[key] = test accuracy now; info['val_' + key] = validation accuracy if held out."""
+        acc = self.accuracies()
+        self.state["info"][key] = acc["test_accuracy"]
+        if "val_accuracy" in acc:
+            self.state["info"]["val_" + key] = acc["val_accuracy"]
+
+    def _budget(self, reg: Regularizer, opt, total_steps: int) -> BudgetController | None:
+        r, p = self.cfg["regularizer"], self.cfg["prune"]
+        if not r["target_macs"]:
+            return None
+        return BudgetController(self.model, reg, r["target_macs"], self.shape, total_steps,
+                                target_at=r["target_at"], keep_energy=p["keep_energy"],
+                                mask=p["gradual"], optimizer=opt)
 
     def _rank_stats(self) -> dict:
         """Mean rank and deploy MACs if pruned now at prune.keep_energy (SVD runs only)."""
         if not self.is_svd:
             return {}
-        keep = self.cfg["prune"]["keep_energy"]
         if not hasattr(self, "_profile"):
             self._profile = profile(self.model, self.shape)
-        total, rank_list = 0, []
-        for rec in self._profile:
-            if hasattr(rec.module, "active"):
-                k = energy_rank(rec.module.s.detach()[rec.module.active], keep)
-                rank_list.append(k)
-                total += rec.macs(rank=k)
-            else:
-                total += rec.macs()
+        total, rank_list = macs_at_energy(self._profile, self.cfg["prune"]["keep_energy"])
         return {"mean_rank": sum(rank_list) / len(rank_list), "macs_at_threshold": total}
+
+    def _check_budget(self):
+        """After a budget-driven train stage: warn (log + report) if the target was missed."""
+        r, info = self.cfg["regularizer"], self.state["info"]
+        last = next((m for m in reversed(self.state["metrics"]) if m.get("stage") == "train"), None)
+        if not r["target_macs"] or last is None or "macs_at_threshold" not in last:
+            return
+        warning = budget_warning(last["macs_at_threshold"] / info["dense_macs"], r["target_macs"],
+                                 self.cfg["prune"]["keep_energy"])
+        if warning:
+            info["budget_warning"] = warning
+            log.warning("svdtrain: %s", info["budget_warning"])
+            if not self.quiet and self.rank == 0:
+                self.log(f"WARNING: {info['budget_warning']}")
 
     def _stage_prune(self):
         info = self.state["info"]
         if not self.is_svd:
             return
         p = self.cfg["prune"]
-        if p["macs_budget"] > 0:
-            info["ranks"] = prune(self.model, macs_budget=p["macs_budget"], input_shape=self.shape)
+        budget = p["macs_budget"] or self.cfg["regularizer"]["target_macs"]
+        if budget > 0:
+            info["ranks"] = prune(self.model, macs_budget=budget, input_shape=self.shape)
         else:
             info["ranks"] = prune(self.model, keep_energy=p["keep_energy"])
-        info["accuracy_pruned"] = evaluate(self.model, self.test_loader, self.world)
+        self._record_accuracy("accuracy_pruned")
         info["macs_pruned"] = count_macs(self.model, self.shape)
         self.state["metrics"].append({"stage": "prune", "epoch": 0, "test_accuracy": info["accuracy_pruned"],
+                                      **({"val_accuracy": info["val_accuracy_pruned"]} if "val_accuracy_pruned" in info else {}),
                                       "macs": info["macs_pruned"], "mean_rank": _mean(info["ranks"])})
         if not self.quiet and self.rank == 0:
             self.log(f"[prune] ranks {list(info['ranks'].values())} -> test {info['accuracy_pruned']:.2%}, "
@@ -524,7 +584,7 @@ class Run:
 
     def _stage_export(self):
         info = self.state["info"]
-        info["accuracy"] = evaluate(self.model, self.test_loader, self.world)
+        self._record_accuracy("accuracy")
         info["macs"] = count_macs(self.model, self.shape)
         info["params"] = count_params(self.model)
         if self.rank != 0:
@@ -548,12 +608,14 @@ class Run:
             "dense_accuracy": info.get("dense_accuracy"),
             "accuracy_trained": info.get("accuracy_trained"),
             "accuracy_pruned": info.get("accuracy_pruned"),
+            **{k: info[k] for k in ("val_accuracy", "val_accuracy_trained", "val_accuracy_pruned") if k in info},
             "macs": info["macs"], "dense_macs": info["dense_macs"],
             "macs_ratio": info["macs"] / info["dense_macs"],
             "params": info["params"], "dense_params": info["dense_params"],
             "ranks": info.get("ranks", {}),
             "keep_energy": self.cfg["prune"]["keep_energy"] if self.is_svd else None,
-            "macs_budget": self.cfg["prune"]["macs_budget"] or None,
+            "macs_budget": self.cfg["prune"]["macs_budget"] or self.cfg["regularizer"]["target_macs"] or None,
+            "budget_warning": info.get("budget_warning"),
             "model": self.cfg["model"], "dataset": self.cfg["dataset"],
             "train_seconds": sum(m.get("seconds", 0.0) for m in self.state["metrics"]),
         }

@@ -1,0 +1,158 @@
+"""Budget-driven SVD training: adapt the sparsity strength so that the MACs pruning would keep
+follow a schedule down to the budget the user asked for ("a third of the MACs").
+
+The rule, in full (BudgetController):
+- Measured: m, the whole-model deploy MACs as a fraction of the dense model's, if every SVD
+  layer were pruned now at `keep_energy` (what `prune(keep_energy=...)` would keep; every
+  call of a layer counted, a layer deploys dense where its factor pair would cost more).
+- How often: every `every` optimizer steps (default: total_steps // 100, between 1 and 20),
+  and at the first step, which fixes the start m0.
+- Schedule: m*(t) = target + (m0 - target) * max(0, 1 - t / (target_at * total_steps)),
+  a straight line from m0 to the target, reached at `target_at` of the stage, then held.
+- Update law: with d the smoothed change of m per update (d <- 0.7 d + 0.3 (m - m_prev)) and
+  the prediction p = m + horizon * d (where m will be `horizon` updates from now: singular
+  values on their way to zero keep falling after the strength drops, so reacting to m alone
+  overshoots), strength <- strength * exp(gain * clip((p - m*(t)) / m*(t), -1, 1)), then
+  clamped to [min_strength, max_strength]: above the schedule the sparsity term grows,
+  below it relaxes, by at most a factor e^gain per update.
+- With mask=True (gradual pruning), each update also masks the lowest-scored singular values
+  (`prune(macs_budget=m*(t))`, the optimizer's state of them zeroed) until the deploy MACs
+  are at most m*(t): the ranks follow the schedule and the last part of the stage trains at
+  the final ranks; the sparsity term then only concentrates energy ahead of the cuts.
+- If the target is not reached by the end of the stage (m > target + tolerance), `report()`
+  says so; the prune stage still meets the budget (prune(macs_budget=target)), by cutting
+  energy training did not empty.
+Everything depends only on the parameters and the step count, so every DDP rank computes
+the same strength, and state_dict() / load_state_dict() make a resumed run identical.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+from torch import nn
+
+from .losses import Regularizer
+from .macs import LayerCost, profile
+from .prune import energy_rank, prune
+
+log = logging.getLogger("svdtrain")
+
+
+def macs_at_energy(records: list[LayerCost], keep_energy: float) -> tuple[int, list[int]]:
+    """(deploy MACs, ranks) if every SVD layer in `records` (a `profile` of the model) were
+    pruned now at `keep_energy`; layers that are called twice count twice."""
+    total, ranks, seen = 0, [], set()
+    for rec in records:
+        layer = rec.module
+        if not hasattr(layer, "active"):
+            total += rec.macs()
+            continue
+        k = energy_rank(layer.s.detach()[layer.active], keep_energy)
+        total += rec.macs(rank=k)
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            ranks.append(k)
+    return total, ranks
+
+
+def budget_warning(macs_fraction: float, target: float, keep_energy: float, tolerance: float = 0.03) -> str | None:
+    """The one-line warning for MACs at keep_energy still above target + tolerance, else None."""
+    if macs_fraction <= target + tolerance:
+        return None
+    return (f"budget not reached in training: MACs at keep_energy {keep_energy:g} are {macs_fraction:.1%} "
+            f"of dense, target {target:.1%}; pruning to the budget cuts singular values that still "
+            "carry energy (train longer, or start from a larger sparsity strength)")
+
+
+class BudgetController:
+    """Steers `reg.strength` so the MACs at `keep_energy` reach `target_macs` (a fraction of
+    the dense whole-model MACs) at `target_at` of `total_steps` and stay there.
+
+        reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.005)   # start value
+        ctrl = svdtrain.BudgetController(model, reg, target_macs=0.33, input_shape=(1, 3, 32, 32),
+                                         total_steps=epochs * len(loader))
+        for x, y in loader:
+            loss = task_loss(model(x), y) + reg(model)
+            opt.zero_grad(); loss.backward(); opt.step()
+            ctrl.step()            # every `every` steps: measure, update reg.strength
+        svdtrain.prune(model, macs_budget=0.33, input_shape=(1, 3, 32, 32))
+    """
+
+    def __init__(self, model: nn.Module, reg: Regularizer, target_macs: float, input_shape, total_steps: int,
+                 *, target_at: float = 0.5, keep_energy: float = 0.9999, every: int | None = None, gain: float = 0.5,
+                 horizon: int = 5, relax: float = 4.0, mask: bool = False, optimizer=None,
+                 min_strength: float = 1e-6, max_strength: float = 10.0, tolerance: float = 0.03):
+        if not 0.0 < target_macs <= 1.0:
+            raise ValueError(f"target_macs must be in (0, 1], got {target_macs!r}")
+        if not 0.0 < target_at <= 1.0:
+            raise ValueError(f"target_at must be in (0, 1], got {target_at!r}")
+        if reg.sparsity is None:
+            raise ValueError("a budget needs a sparsity term: Regularizer(sparsity='hoyer', ...)")
+        if every is None:  # about 100 updates per stage, at most one per 20 steps' worth of work
+            every = max(1, min(20, total_steps // 100))
+        if total_steps < 1 or every < 1:
+            raise ValueError("total_steps and every must be >= 1")
+        self.model, self.reg = model, reg
+        self.target, self.target_at, self.total = float(target_macs), float(target_at), int(total_steps)
+        self.keep_energy, self.every, self.gain, self.horizon = keep_energy, every, gain, horizon
+        self.relax = relax
+        self.bounds, self.tolerance = (min_strength, max_strength), tolerance
+        self.reg.strength = min(max(reg.strength or min_strength, min_strength), max_strength)
+        self.mask, self.optimizer, self.input_shape = mask, optimizer, input_shape
+        self._records = profile(model, input_shape)
+        self.dense_macs = sum(r.macs("dense") for r in self._records)
+        self.steps, self.start, self.last, self.slope = 0, None, None, 0.0
+
+    def measure(self) -> float:
+        """MACs at keep_energy now, as a fraction of the dense model's."""
+        return macs_at_energy(self._records, self.keep_energy)[0] / self.dense_macs
+
+    def schedule(self, step: int | None = None) -> float:
+        """The MACs fraction the schedule asks for at `step` (default: now)."""
+        t = self.steps if step is None else step
+        start = self.target if self.start is None else max(self.start, self.target)
+        left = max(0.0, 1.0 - t / (self.target_at * self.total))
+        return self.target + (start - self.target) * left
+
+    def step(self) -> float:
+        """Call after every optimizer step; returns the strength in force."""
+        if self.start is None:
+            self.start = self.measure()
+            self.last = self.start
+        self.steps += 1
+        if self.steps % self.every == 0:
+            m = self.measure()
+            self.slope = 0.7 * self.slope + 0.3 * (m - self.last)
+            self.last = m
+            want = self.schedule()
+            err = max(-1.0, min(1.0, (m + self.horizon * self.slope - want) / want))
+            # Values that died do not come back: relax faster than tighten.
+            s = self.reg.strength * math.exp(self.gain * err * (1.0 if err > 0 else self.relax))
+            self.reg.strength = min(max(s, self.bounds[0]), self.bounds[1])
+            if self.mask:
+                self._mask_to(want)
+        return self.reg.strength
+
+    def _mask_to(self, fraction: float) -> None:
+        """Gradual pruning: mask the lowest-scored singular values (prune's macs_budget rule)
+        until the deploy MACs are at most `fraction` of dense; never unmasks."""
+        deployed = sum(r.macs() for r in self._records) / self.dense_macs
+        if deployed > fraction:
+            prune(self.model, macs_budget=fraction, input_shape=self.input_shape, optimizer=self.optimizer)
+
+    def reached(self) -> bool:
+        """Whether the MACs at keep_energy are within `tolerance` of the target (or below)."""
+        return self.measure() <= self.target + self.tolerance
+
+    def report(self) -> str | None:
+        """A one-line warning if the target was not reached, else None."""
+        return budget_warning(self.measure(), self.target, self.keep_energy, self.tolerance)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "start": self.start, "last": self.last, "slope": self.slope,
+                "strength": self.reg.strength}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.start, self.last, self.slope = state["steps"], state["start"], state["last"], state["slope"]
+        self.reg.strength = state["strength"]

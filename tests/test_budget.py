@@ -1,0 +1,97 @@
+"""Budget-driven training: the strength controller and the pipeline that uses it."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import svdtrain
+from helpers import TINY_CONFIG, TinyResNet
+from svdtrain.budget import BudgetController, macs_at_energy
+from svdtrain.data import write_fake_cifar
+from svdtrain.macs import profile
+
+SHAPE = (1, 3, 16, 16)
+
+
+def _controller(signal, **kw):
+    """A controller whose measurement follows the scripted `signal` (one value per call)."""
+    model = svdtrain.decompose(TinyResNet(), init="random")
+    reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.01)
+    ctrl = BudgetController(model, reg, 0.5, SHAPE, total_steps=100, every=1, target_at=0.5, **kw)
+    values = iter(signal)
+    ctrl.measure = lambda: next(values)
+    return ctrl, reg
+
+
+def test_controller_raises_strength_above_schedule_and_lowers_it_below():
+    # Start at 0.6: the schedule runs 0.6 -> 0.5 over 50 steps. Measured 1.0: above it.
+    ctrl, reg = _controller([0.6] + [1.0] * 10, horizon=0)
+    strengths = [ctrl.step() for _ in range(10)]
+    assert all(b > a for a, b in zip(strengths, strengths[1:]))
+    # Measured far below the schedule: the strength falls every update.
+    ctrl, reg = _controller([1.0] + [0.2] * 10, horizon=0)
+    strengths = [ctrl.step() for _ in range(10)]
+    assert strengths[0] < 0.01 and strengths[-1] < strengths[0]
+    assert all(b <= a for a, b in zip(strengths, strengths[1:]))
+
+
+def test_controller_schedule_reaches_target_and_holds():
+    ctrl, _ = _controller([0.9] * 200)
+    ctrl.step()
+    assert ctrl.schedule(0) == pytest.approx(0.9)
+    assert ctrl.schedule(25) == pytest.approx(0.7)       # halfway down the line
+    assert ctrl.schedule(50) == ctrl.schedule(99) == pytest.approx(0.5)
+
+
+def test_controller_state_round_trip_and_bounds():
+    ctrl, reg = _controller([0.6] + [1.0] * 30, max_strength=0.02)
+    for _ in range(5):
+        ctrl.step()
+    assert reg.strength == 0.02  # clamped
+    state = ctrl.state_dict()
+    other, reg2 = _controller([0.6] + [1.0] * 30, max_strength=0.02)
+    other.load_state_dict(state)
+    assert reg2.strength == reg.strength and other.steps == ctrl.steps and other.schedule() == ctrl.schedule()
+
+
+def test_controller_refuses_bad_input():
+    model = svdtrain.decompose(TinyResNet(), init="random")
+    with pytest.raises(ValueError, match="target_macs"):
+        BudgetController(model, svdtrain.Regularizer(strength=0.01), 1.5, SHAPE, 10)
+    with pytest.raises(ValueError, match="sparsity"):
+        BudgetController(model, svdtrain.Regularizer(sparsity=None), 0.5, SHAPE, 10)
+
+
+def test_macs_at_energy_matches_prune_then_count():
+    torch.manual_seed(0)
+    model = svdtrain.decompose(TinyResNet(), init="random")
+    for _, layer in svdtrain.svd_layers(model):  # a spread-out spectrum
+        layer.s.data = torch.logspace(0, -5, layer.s.numel())
+    predicted, _ = macs_at_energy(profile(model, SHAPE), 0.999)
+    svdtrain.prune(model, keep_energy=0.999)
+    assert predicted == svdtrain.count_macs(model, SHAPE)
+
+
+def _run(tmp_path, *overrides):
+    write_fake_cifar(tmp_path / "data", n_train=192, n_test=96)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY_CONFIG.format(data=tmp_path / "data"))
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "svdtrain", "run", str(cfg), "--out", str(out), *overrides],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out, res
+
+
+def test_unreachable_target_warns_in_log_and_report_and_prune_meets_budget(tmp_path):
+    out, res = _run(tmp_path, "epochs.orth=0", "epochs.train=1", "regularizer.strength=1e-6",
+                    "regularizer.target_macs=0.25", "regularizer.target_at=1.0")
+    assert "WARNING: budget not reached" in res.stdout
+    assert "budget not reached" in (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["budget_warning"] and summary["macs"] <= 0.25 * summary["dense_macs"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("strength" in r and "macs_at_threshold" in r for r in rows if r["stage"] == "train")
+    assert (out / "budget.png").is_file()
