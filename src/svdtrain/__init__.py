@@ -1,11 +1,13 @@
 """svdtrain: learn low-rank networks by SVD training (Yang et al., CVPR 2020 workshops).
 
     model = svdtrain.decompose(model, mode="channel", init="svd")
-    reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.01)
-    loss = task_loss + reg(model)                  # in your own training loop
+    reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.005)
+    budget = svdtrain.BudgetController(model, reg, 0.33, (1, 3, 32, 32), total_steps)
+    loss = task_loss + reg(model)                  # in your own training loop; budget.step()
     ranks = svdtrain.prune(model, keep_energy=0.999)
     compact = svdtrain.export(model)               # ordinary nn layers only
 """
+from .budget import BudgetController
 from .decompose import decompose
 from .export import export, export_program
 from .layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
@@ -16,7 +18,7 @@ from .prune import prune, ranks, set_ranks
 __version__ = "0.1.0"
 
 __all__ = [
-    "decompose", "export", "export_program", "SVDConv2d", "SVDLayer", "SVDLinear", "svd_layers",
+    "BudgetController", "decompose", "export", "export_program", "SVDConv2d", "SVDLayer", "SVDLinear", "svd_layers",
     "Regularizer", "orthogonality_loss", "sparsity_loss", "param_groups", "count_macs",
     "count_params", "prune", "ranks", "set_ranks", "__version__",
 ]
