@@ -198,3 +198,22 @@ def test_latency_choice_in_channels_last_saves_and_loads_as_a_program(tmp_path):
     with torch.no_grad():
         assert _rel_err(loaded(x), model(x)) < 1e-4
         assert _rel_err(loaded(x.contiguous(memory_format=torch.channels_last)), model(x)) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+def test_float64_model_exports_in_float64_without_rounding(mode):
+    torch.manual_seed(0)
+    model = randomize_bn(TinyResNet()).double().eval()
+    svdtrain.decompose(model, mode=mode, init="svd")
+    svdtrain.prune(model, keep_energy=0.9)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    compact = svdtrain.export(model, input_shape=(2, 3, 16, 16)).eval()
+    assert all(p.dtype == torch.float64 for p in compact.parameters())
+    with torch.no_grad():
+        assert (compact(x) - model(x)).abs().max().item() < 1e-10  # float32 rounding would give ~1e-7
+
+
+def test_export_of_a_model_without_svd_layers_warns(caplog):
+    with caplog.at_level("WARNING", logger="svdtrain"):
+        svdtrain.export(mlp())
+    assert any("no SVD layers" in r.message for r in caplog.records)

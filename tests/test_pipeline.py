@@ -122,6 +122,20 @@ def test_config_errors_are_one_line(tiny, tmp_path, args, message):
     assert not (tmp_path / "x").exists()
 
 
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: resnet20\noptim: {lr: 0.1\nbatch_size: 64\n")
+    out = cli("run", bad, "--out", tmp_path / "x", check=False)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert f"{bad}:3:" in out.stderr and "not valid YAML" in out.stderr
+
+
+def test_report_of_a_finished_run_is_rebuilt(finished):
+    (finished / "report.md").unlink()
+    out = cli("report", "--out", finished)
+    assert "top-1" in out.stdout and (finished / "report.md").is_file()
+
+
 def test_missing_data_and_config_files(tmp_path, tiny):
     out = cli("run", tmp_path / "nope.yaml", "--out", tmp_path / "x", check=False)
     assert out.returncode == 2 and "config file not found" in out.stderr

@@ -109,6 +109,8 @@ def _dispatch(args) -> int:
             raise RunError(f"no run in {out}; start one with `svdtrain train CONFIG --out {out}`")
         cfg = load_config(None, args.overrides, base=Run(out).cfg) if args.overrides else None
     run = Run(out, cfg, quiet=args.quiet)
+    if args.command == "report" and "report" in run.state["done"]:
+        run.state["done"].remove("report")  # a finished run's report is rebuilt on request
     if args.command in STAGE_COMMANDS[1:]:
         run.require_before(until)
     summary = run.execute(until)

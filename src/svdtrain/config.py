@@ -134,7 +134,10 @@ def load_config(path=None, overrides=(), base: dict | None = None) -> dict:
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{path}{where}: not valid YAML ({what})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys")
         for key, value in flatten(data).items():

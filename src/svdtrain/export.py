@@ -40,6 +40,9 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
         raise ValueError(f"choose must be 'macs' or 'latency', not {choose!r}")
     if choose == "latency" and input_shape is None:
         raise ValueError("choose='latency' needs input_shape (the deployment batch and size)")
+    if not any(isinstance(m, SVDLayer) for m in unwrap(model).modules()):
+        log.warning("svdtrain: export: the model has no SVD layers (was it decomposed?); "
+                    "returning a copy of it as it is")
     compact = copy.deepcopy(unwrap(model))
     costs = {id(rec.module): rec for rec in profile(compact, input_shape)
              if isinstance(rec.module, SVDLayer)} if input_shape is not None else {}

@@ -105,6 +105,10 @@ class SVDLayer(nn.Module):
         dense, factored = self.macs(in_hw)
         return factored < FACTORED_BELOW * dense
 
+    def _like(self) -> dict:
+        """dtype and device of the factors: exported layers are made in them, never rounded."""
+        return {"dtype": self.U.dtype, "device": self.U.device}
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}/{self.full_rank}"
 
@@ -145,8 +149,8 @@ class SVDLinear(SVDLayer):
     def factor_layers(self) -> nn.Sequential:
         """The two ordinary nn.Linear layers (in->r, r->out) at the active rank."""
         u, s, v = (t.detach() for t in self.factors())
-        first = nn.Linear(self.in_features, u.shape[1], bias=False)
-        second = nn.Linear(u.shape[1], self.out_features, bias=self.bias is not None)
+        first = nn.Linear(self.in_features, u.shape[1], bias=False, **self._like())
+        second = nn.Linear(u.shape[1], self.out_features, bias=self.bias is not None, **self._like())
         first.weight.data.copy_(v.T)
         second.weight.data.copy_(u * s)
         if self.bias is not None:
@@ -155,7 +159,7 @@ class SVDLinear(SVDLayer):
 
     def dense_layer(self) -> nn.Linear:
         """One ordinary nn.Linear holding U diag(s) V^T."""
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, **self._like())
         layer.weight.data.copy_(self.dense_weight().detach())
         if self.bias is not None:
             layer.bias.data.copy_(self.bias.detach())
@@ -298,7 +302,7 @@ class SVDConv2d(SVDLayer):
     # ----- export -----
     def _new_conv(self, c, n, weight, stride, padding, dilation, bias):
         conv = nn.Conv2d(c, n, tuple(weight.shape[-2:]), stride, padding, dilation,
-                         bias=bias is not None, padding_mode=self.padding_mode)
+                         bias=bias is not None, padding_mode=self.padding_mode, **self._like())
         conv.weight.data.copy_(weight.detach())
         if bias is not None:
             conv.bias.data.copy_(bias.detach())
