@@ -79,3 +79,42 @@ def test_auto_path_picks_factored_only_when_cheaper():
     assert not layer._use_factored((8, 8))  # full rank: factor pair costs more
     layer.set_active(torch.arange(16) < 2)
     assert layer._use_factored((8, 8))
+
+
+def test_pruned_forward_and_training_step_compile_with_fullgraph():
+    import torch.nn.functional as F
+
+    from helpers import TinyResNet, randomize_bn
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = randomize_bn(TinyResNet())
+    svdtrain.decompose(model, init="svd")
+    svdtrain.prune(model, keep_energy=0.9)
+    assert any(layer.rank < layer.full_rank for _, layer in svdtrain.svd_layers(model))
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    model.eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)
+    model.train()
+    reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.01)
+
+    def loss_fn(x, y):  # forward + losses in one graph; AOT autograd compiles its backward
+        return F.cross_entropy(model(x), y) + reg(model)
+
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(x, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(layer.s.grad is not None and layer.U.grad is not None for _, layer in svdtrain.svd_layers(model))
+
+
+def test_plan_follows_masks_through_load_state_dict_and_to():
+    from helpers import TinyResNet
+    a = svdtrain.decompose(TinyResNet(), init="random")
+    svdtrain.prune(a, keep_energy=0.5)
+    b = svdtrain.decompose(TinyResNet(), init="random")
+    b.load_state_dict(a.state_dict())
+    assert svdtrain.ranks(b) == svdtrain.ranks(a)
+    c = b.double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    assert svdtrain.ranks(c) == svdtrain.ranks(a) and c(x).dtype == torch.float64

@@ -53,7 +53,24 @@ class SVDLayer(nn.Module):
         self.V = nn.Parameter(v.contiguous())
         self.register_buffer("active", torch.ones(r, dtype=torch.bool))
         self.forward_path = "auto"  # "auto" | "dense" | "factored"
-        self._idx_cache: tuple = (None, -1, None)  # (mask tensor, its version, indices)
+        self._refresh()
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._refresh())
+
+    def _refresh(self) -> None:
+        """Read the mask once into the forward's plan: the rank as a Python int and the active
+        indices (None when all are active). The forward reads only these, so it never syncs
+        a GPU to the host and compiles with torch.compile(fullgraph=True). Kept current by
+        set_active (hence prune / set_ranks), load_state_dict and .to(); change masks only
+        through those."""
+        mask = self.active
+        self._rank = int(mask.sum())
+        self._idx = None if self._rank == mask.numel() else mask.nonzero().squeeze(1)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if "active" in self._buffers:
+            self._refresh()  # the mask buffer was replaced (device/dtype move): so are its indices
+        return out
 
     # ----- the active (unpruned) part of the factors -----
     @property
@@ -63,21 +80,11 @@ class SVDLayer(nn.Module):
     @property
     def rank(self) -> int:
         """Number of singular values still active (not pruned)."""
-        return int(self.active.sum())
-
-    def _active_index(self) -> torch.Tensor | None:
-        """Indices of active values, or None when all are active (no gather needed)."""
-        # Keyed on the tensor itself and its version: .to()/load_state_dict may swap or
-        # rewrite the buffer.
-        mask = self.active
-        if self._idx_cache[0] is not mask or self._idx_cache[1] != mask._version:
-            idx = None if bool(mask.all()) else mask.nonzero().squeeze(1)
-            self._idx_cache = (mask, mask._version, idx)
-        return self._idx_cache[2]
+        return self._rank
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, s, V) restricted to the active singular values; differentiable."""
-        idx = self._active_index()
+        idx = self._idx
         if idx is None:
             return self.U, self.s, self.V
         return self.U[:, idx], self.s[idx], self.V[:, idx]
@@ -93,6 +100,7 @@ class SVDLayer(nn.Module):
         with torch.no_grad():
             self.active.copy_(mask)
             self.s.masked_fill_(~self.active, 0.0)
+        self._refresh()
 
     # ----- cost -----
     def macs(self, in_hw: tuple[int, int] | None = None, rank: int | None = None) -> tuple[int, int]:
