@@ -106,6 +106,27 @@ def test_stage_commands(tiny):
     assert summary["keep_energy"] == 0.99
     ev = json.loads(cli("evaluate", "--out", out).stdout)  # latency-chosen layers, same function
     assert ev["compact_accuracy"] == pytest.approx(ev["model_accuracy"], abs=0.01)
+    assert summary["macs"] == program_macs(out / "compact.pt2", (1, 3, 32, 32))  # what ships
+
+
+def program_macs(path, shape):
+    """MACs of a saved .pt2, counted from its graph's conv and linear ops (independent of
+    svdtrain's counters): re-exported at a static batch so every shape is concrete."""
+    module = torch.export.load(str(path)).module()
+    graph = torch.export.export(module, (torch.zeros(shape),)).graph
+    total = 0
+    for node in graph.nodes:
+        name = str(node.target)
+        if node.op != "call_function" or not any(k in name for k in ("conv2d", "convolution", "linear")):
+            continue
+        weight, out = node.args[1].meta["val"], node.meta["val"]
+        total += out.numel() * weight[0].numel()  # each output element: in/groups * kh * kw (or in) MACs
+    return total
+
+
+def test_summary_macs_are_those_of_the_shipped_program(finished):
+    summary = json.loads((finished / "summary.json").read_text())
+    assert summary["macs"] == program_macs(finished / "compact.pt2", (1, 3, 32, 32))
 
 
 @pytest.mark.parametrize("args,message", [

@@ -589,17 +589,20 @@ class Run:
         info["params"] = count_params(self.model)
         if self.rank != 0:
             return
-        model = unwrap(self.model).to("cpu").eval()
-        atomic_save(model.state_dict(), self.out / "model_state.pt")
+        model = unwrap(self.model).eval()
+        atomic_save({k: v.cpu() for k, v in model.state_dict().items()}, self.out / "model_state.pt")
         atomic_write_text(self.out / "ranks.json", json.dumps(ranks(model), indent=1) + "\n")
         ex = self.cfg["export"]
+        # Timed (choose=latency) on the run's own device, then moved to the CPU to be saved.
         compact = export(model, input_shape=(ex["batch"],) + tuple(self.shape[1:]), choose=ex["choose"],
-                         channels_last=ex["channels_last"]).eval()
+                         channels_last=ex["channels_last"])
+        compact = compact.to("cpu", memory_format=torch.contiguous_format).eval()
+        # What ships: a latency export may keep a layer dense or pad its rank.
+        info["macs"], info["params"] = count_macs(compact, self.shape), count_params(compact)
         example = torch.zeros((2,) + self.shape[1:])
         tmp = self.out / "compact.tmp.pt2"
         export_program(compact, example, tmp, dynamic_batch=True)
         os.replace(tmp, self.out / "compact.pt2")
-        self.model.to(self.device)
 
     def _stage_report(self):
         info = self.state["info"]
