@@ -70,6 +70,8 @@ def test_regularizer_combines_weighted_terms():
     assert reg(model).item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="sparsity"):
         svdtrain.Regularizer(sparsity="l2")
+    with pytest.raises(ValueError, match="strength 0"):
+        svdtrain.Regularizer(sparsity="hoyer", strength=0.0)
 
 
 def test_losses_need_svd_layers():

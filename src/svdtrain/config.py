@@ -168,6 +168,8 @@ def validate(cfg: dict) -> None:
     r = cfg["regularizer"]
     if not 0.0 <= r["target_macs"] <= 1.0 or not 0.0 < r["target_at"] <= 1.0:
         raise ConfigError("regularizer.target_macs must be in [0, 1] (0 = off) and regularizer.target_at in (0, 1]")
+    if r["sparsity"] != "none" and r["strength"] <= 0:
+        raise ConfigError("regularizer.strength must be > 0 with a sparsity term (regularizer.sparsity=none turns it off)")
     if cfg["prune"]["gradual"] and not r["target_macs"]:
         raise ConfigError("prune.gradual follows the budget schedule: set regularizer.target_macs too")
     if r["target_macs"] > 0 and r["sparsity"] == "none":

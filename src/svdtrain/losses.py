@@ -61,15 +61,21 @@ def sparsity_loss(model: nn.Module, kind: str = "hoyer") -> torch.Tensor:
 class Regularizer:
     """`loss = task_loss + reg(model)`: orth * orthogonality + strength * sparsity.
 
+    strength defaults to 0.005 (Hoyer on a CIFAR ResNet-20 gives about a third of the dense
+    MACs in 10 epochs); a `BudgetController` steers it from there toward a MACs target.
+
     The value depends only on the parameters, so under DDP every rank computes the same
     term from its (synchronised) replica.
     """
 
-    def __init__(self, orth: float = 1.0, sparsity: str | None = "hoyer", strength: float = 0.0):
+    def __init__(self, orth: float = 1.0, sparsity: str | None = "hoyer", strength: float = 0.005):
         if sparsity is not None and sparsity not in SPARSITY_KINDS:
             raise ValueError(f"sparsity must be None or one of {SPARSITY_KINDS}, got {sparsity!r}")
         if orth < 0 or strength < 0:
             raise ValueError("regularizer weights must be >= 0")
+        if sparsity is not None and strength == 0:
+            raise ValueError(f"sparsity={sparsity!r} with strength 0 would be off: give a strength > 0 "
+                             "(or sparsity=None)")
         self.orth, self.sparsity, self.strength = orth, sparsity, strength
         self.last: dict[str, torch.Tensor] = {}
 
