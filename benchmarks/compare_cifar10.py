@@ -31,9 +31,11 @@ import torch
 
 import svdtrain
 from svdtrain.config import load_config
-from svdtrain.data import BatchLoader, load_dataset
+from svdtrain.data import load_dataset
+from svdtrain.engine import evaluate, fit
+from svdtrain.loader import BatchLoader
 from svdtrain.models import build_model
-from svdtrain.train import Run, evaluate, fit
+from svdtrain.train import Run
 
 HERE = Path(__file__).resolve().parent
 LEVELS = {"50%": 0.50, "33%": 0.33, "25%": 0.25}
@@ -233,7 +235,9 @@ def run_methods(args, work, cfg, data):
 
 
 def write_results(args, work: Path, cfg: dict):
-    points = load_points(work)
+    points = load_points(work) if (work / "points").is_dir() else []
+    if not points:  # never replace committed results by an empty table
+        raise SystemExit(f"no finished points under {work}; nothing written")
     dense = next((p for p in points if p["method"] == "dense"), None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,9 @@ import torch
 
 import svdtrain
 from svdtrain.config import load_config
+from svdtrain.engine import fit
 from svdtrain.models import build_model
-from svdtrain.train import Run, fit, run_dataset
+from svdtrain.train import Run, run_dataset
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "cifar10_resnet20.yaml"
@@ -67,8 +68,8 @@ def point_file(work: Path, method: str, level: str, seed: int) -> Path:
 
 def accuracies(model, data, cfg) -> dict:
     """Test and validation accuracy of a model (any dense or SVD-form module)."""
-    from svdtrain.data import BatchLoader
-    from svdtrain.train import evaluate
+    from svdtrain.loader import BatchLoader
+    from svdtrain.engine import evaluate
     out = {}
     for key, x, y in (("accuracy", data.x_test, data.y_test), ("val_accuracy", data.x_val, data.y_val)):
         out[key] = evaluate(model, BatchLoader(x, y, 1000, train=False, mean=data.mean, std=data.std))
@@ -154,6 +155,8 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
 
 def write_results(args, work: Path) -> None:
     points = [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
+    if not points or not (work / "dense" / "summary.json").is_file():  # never replace results by an empty table
+        raise SystemExit(f"no finished points under {work}; nothing written")
     summary = json.loads((work / "dense" / "summary.json").read_text())
     dense = {"accuracy": summary["accuracy"], "val_accuracy": summary.get("val_accuracy"), "macs": summary["macs"],
              "epochs": args.dense_epochs, "command": "python benchmarks/compress_pretrained.py (its dense stage): "

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from svdtrain.data import BatchLoader, Dataset, load_cifar, load_dataset, load_digits_dataset, load_image_folder, write_fake_cifar
+from svdtrain.data import Dataset, load_cifar, load_dataset, load_digits_dataset, load_image_folder, write_fake_cifar
+from svdtrain.loader import BatchLoader
 
 
 def _decode(path, label_key=b"labels"):

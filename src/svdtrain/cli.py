@@ -125,8 +125,9 @@ def _dispatch(args) -> int:
 def _evaluate(out: Path) -> int:
     import torch
 
-    from .data import BatchLoader
-    from .train import Run, evaluate, run_dataset
+    from .loader import BatchLoader
+    from .engine import evaluate
+    from .train import Run, run_dataset
 
     run = Run(out)
     cfg = run.cfg

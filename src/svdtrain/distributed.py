@@ -1,0 +1,47 @@
+"""DDP: joining the torchrun process group, and checks that every rank holds the same model."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .engine import RunError
+from .layers import unwrap
+
+
+def setup_distributed(device_name: str):
+    """(rank, world_size, device); joins the torchrun process group when launched by it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise RunError("device: cuda was asked for but no CUDA device is available")
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def spread(value, device) -> float:
+    """Max minus min of a number over all ranks."""
+    v = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(1)
+    hi, lo = v.clone(), -v
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MAX)
+    return float(hi + lo)
+
+
+def replica_spread(model: nn.Module) -> float:
+    """Max minus min over ranks of a checksum of all parameters and buffers: 0.0 when every
+    replica holds the same model (DDP must keep them identical, regularizer included)."""
+    total = sum(t.detach().double().sum() for t in unwrap(model).state_dict().values()
+                if t.is_floating_point())
+    gap = spread(total, total.device)
+    if gap > 1e-6 * max(1.0, abs(float(total))):
+        raise RunError(f"DDP replicas diverged (parameter checksum spread {gap:.3g})")
+    return gap

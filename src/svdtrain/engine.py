@@ -1,0 +1,157 @@
+"""The training engine shared by the pipeline and the benchmarks: optimizer and schedule,
+one epoch of `task loss + reg(model)`, evaluation, and `fit` (a resumable loop for any model)."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import atomic_save, rng_state, set_rng_state
+from .loader import BatchLoader
+from .losses import param_groups
+
+STAGES = ("orth", "train", "prune", "finetune", "export", "report")
+
+
+class RunError(RuntimeError):
+    """A run cannot go on; the message is one line meant for the user."""
+
+
+def make_optimizer(model: nn.Module, cfg: dict, stage: str, total_steps: int):
+    """(optimizer, per-step LambdaLR scheduler) of a stage; no weight decay on s."""
+    o = cfg["optim"]
+    lr = o["finetune_lr"] if stage == "finetune" else o["lr"]
+    groups = param_groups(model, o["weight_decay"])
+    if o["name"] == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"] and o["momentum"] > 0)
+    else:
+        opt = torch.optim.Adam(groups, lr=lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, stage, i, total_steps))
+
+
+def lr_factor(cfg: dict, stage: str, step: int, total: int) -> float:
+    """Multiplier of the stage's base lr at `step` of `total` (fine-tuning: cosine)."""
+    o = cfg["optim"]
+    t = step / max(1, total)
+    kind = "cosine" if stage == "finetune" else o["schedule"]
+    warm = 0.0 if stage == "finetune" else o["warmup_fraction"]
+    if kind == "constant":
+        return 1.0
+    if kind == "step":
+        return o["step_gamma"] ** sum(t >= m for m in o["step_milestones"])
+    if t < warm:  # linear warm-up from 1/25 of the peak, as one-cycle does
+        return 0.04 + 0.96 * t / warm
+    u = (t - warm) / max(1e-12, 1.0 - warm)
+    return 1.0 - u if kind == "onecycle" else 0.5 * (1.0 + math.cos(math.pi * u))
+
+
+def evaluate(model: nn.Module, loader: BatchLoader, world: int = 1) -> float:
+    """Top-1 accuracy (0..1) on the loader's data, summed over all ranks."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass  # a torch.export program's module is fixed in eval mode already
+    correct = torch.zeros(2, dtype=torch.float64, device=loader.device)
+    with torch.no_grad():
+        for x, y in loader:
+            correct[0] += (model(x).argmax(1) == y).sum()
+            correct[1] += y.numel()
+    if world > 1:
+        dist.all_reduce(correct)
+    return float(correct[0] / correct[1].clamp_min(1))
+
+
+def train_epoch(model, loader, opt, sched, reg, cfg: dict, device, *, desc="train", quiet=False, world=1,
+                where="training", on_backward=None, on_step=None) -> dict:
+    """One epoch of `task loss + reg(model)`; returns mean task loss, train accuracy and the
+    mean of each regularizer term. on_backward(model) runs between backward() and step()
+    (e.g. TRP's nuclear-norm subgradient), on_step(model) after each step."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    cuda = torch.device(device).type == "cuda"
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss * n, correct, n, steps
+    reg_sums: dict[str, torch.Tensor] = {}
+    bar = tqdm(loader, desc=desc, leave=False, disable=quiet)
+    for i, (x, y) in enumerate(bar):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg["amp"] and _bf16_ok()):
+            out = model(x)
+            task = F.cross_entropy(out.float(), y, label_smoothing=cfg["label_smoothing"])
+        loss = task + reg(model) if reg is not None else task
+        finite = torch.isfinite(loss.detach()).float()
+        if world > 1:  # every rank must stop together, or the others hang in the next allreduce
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            raise RunError(f"non-finite loss in {where}, step {i + 1}; the last good checkpoint is kept")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if on_backward is not None:
+            on_backward(model)
+        opt.step()
+        sched.step()
+        if on_step is not None:
+            on_step(model)
+        n = y.numel()
+        sums += torch.stack([task.detach().double() * n, (out.argmax(1) == y).sum().double(),
+                             sums.new_tensor(n), sums.new_tensor(1.0)])
+        for k, v in (reg.last.items() if reg is not None else ()):
+            reg_sums[k] = reg_sums.get(k, 0.0) + v.double()
+        if i % 20 == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{task.item():.3f}")
+    if world > 1:
+        dist.all_reduce(sums)
+        sums[3] /= world
+    stats = {"task_loss": float(sums[0] / sums[2]), "train_accuracy": float(sums[1] / sums[2])}
+    stats.update({k: float(v / sums[3]) for k, v in reg_sums.items()})
+    return stats
+
+
+def _bf16_ok() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpoint=None, quiet=False,
+        on_backward=None, on_step=None, log=print) -> list[dict]:
+    """Train any model for `epochs` with the run config's optimizer, schedule and augmentation
+    (single process): the loop the benchmarks use for baselines. With `checkpoint`, state is
+    saved after every epoch and a rerun resumes from it. Returns per-epoch metrics."""
+    cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    model.to(device)
+    loader = BatchLoader(data.x_train, data.y_train, cfg["batch_size"], train=True, augment=cfg["augment"],
+                         seed=cfg["seed"], mean=data.mean, std=data.std, device=device)
+    test = BatchLoader(data.x_test, data.y_test, cfg["eval_batch_size"], train=False,
+                       mean=data.mean, std=data.std, device=device)
+    val = None if getattr(data, "x_val", None) is None else BatchLoader(
+        data.x_val, data.y_val, cfg["eval_batch_size"], train=False, mean=data.mean, std=data.std, device=device)
+    opt, sched = make_optimizer(model, cfg, stage, epochs * len(loader))
+    state = {"epoch": 0, "metrics": []}
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        set_rng_state(state["rng"])
+    for epoch in range(state["epoch"], epochs):
+        t0 = time.perf_counter()
+        loader.set_epoch(STAGES.index(stage) * 10_000 + epoch)
+        stats = train_epoch(model, loader, opt, sched, reg, cfg, device, desc=f"{stage} {epoch + 1}/{epochs}",
+                            quiet=quiet, on_backward=on_backward, on_step=on_step)
+        stats.update(stage=stage, epoch=epoch + 1, test_accuracy=evaluate(model, test),
+                     seconds=round(time.perf_counter() - t0, 3))
+        if val is not None:
+            stats["val_accuracy"] = evaluate(model, val)
+        state["metrics"].append(stats)
+        if not quiet:
+            log(f"[{stage} {epoch + 1}/{epochs}] loss {stats['task_loss']:.3f} test {stats['test_accuracy']:.2%}")
+        if ckpt is not None:
+            state.update(epoch=epoch + 1, model=model.state_dict(), opt=opt.state_dict(),
+                         sched=sched.state_dict(), rng=rng_state())
+            atomic_save(state, ckpt)
+    return state["metrics"]
