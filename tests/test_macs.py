@@ -67,3 +67,73 @@ def test_linear_on_feature_maps_counts_every_position():
     svdtrain.decompose(model)
     assert svdtrain.count_macs(model, (2, 3, 3, 8), cost="dense") == dense
     assert svdtrain.count_macs(model, (2, 3, 3, 8), cost="factored") == 2 * 3 * 3 * 6 * (8 + 6)
+
+
+class Audio(nn.Module):
+    """Conv1d front end, an LSTM, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 8, 5, stride=2, padding=2)
+        self.rnn = nn.LSTM(8, 6, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.conv(x).transpose(1, 2)          # (N, T, 8)
+        out, _ = self.rnn(h)
+        return self.head(out[:, -1])
+
+
+def test_conv1d_and_lstm_are_counted_by_hand():
+    x_len = 40
+    t = 20  # conv output length
+    conv = t * 8 * (2 * 5)
+    lstm = t * (2 * 4 * 6 * (8 + 6) + 2 * 4 * 6 * (12 + 6))  # 2 directions, layer 1 input 8, layer 2 input 12
+    head = 3 * 12
+    assert svdtrain.count_macs(Audio(), (1, 2, x_len)) == conv + lstm + head
+    assert svdtrain.count_macs(Audio(), (4, 2, x_len)) == 4 * (conv + lstm + head)
+
+
+def test_conv_transpose_and_attention_are_counted_by_hand():
+    up = nn.ConvTranspose2d(4, 3, 2, stride=2)
+    assert svdtrain.count_macs(nn.Sequential(up), (1, 4, 5, 5)) == (4 * 5 * 5) * (3 * 2 * 2)
+    attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    n, length, e = 2, 7, 16
+    expected = n * (4 * length * e * e + 2 * length * length * e)  # q, k, v, out + two products
+    assert svdtrain.count_macs(Block(), (n, length, e)) == expected
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, ids):
+        return self.fc2(F.relu(self.fc1(self.embed(ids)))).mean(1)
+
+
+def test_token_model_counts_prunes_and_exports_with_example_inputs():
+    import torch
+    ids = torch.randint(0, 50, (2, 9))
+    model = Tokens()
+    dense = 2 * 9 * (16 * 32 + 32 * 4)
+    assert svdtrain.count_macs(model, example_inputs=ids) == dense
+    svdtrain.decompose(model, init="svd")
+    svdtrain.prune(model, macs_budget=0.5, example_inputs=ids)
+    assert svdtrain.count_macs(model, example_inputs=ids) <= 0.5 * dense
+    compact = svdtrain.export(model, example_inputs=ids)
+    with torch.no_grad():
+        assert torch.allclose(compact(ids), model(ids), atol=1e-5)
+    with pytest.raises(ValueError, match="example_inputs"):
+        svdtrain.count_macs(model)

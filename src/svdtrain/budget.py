@@ -81,7 +81,7 @@ class BudgetController:
 
     def __init__(self, model: nn.Module, reg: Regularizer, target_macs: float, input_shape, total_steps: int,
                  *, target_at: float = 0.5, keep_energy: float = 0.9999, every: int | None = None, gain: float = 0.5,
-                 horizon: int = 5, relax: float = 4.0, mask: bool = False, optimizer=None,
+                 horizon: int = 5, relax: float = 4.0, mask: bool = False, optimizer=None, example_inputs=None,
                  min_strength: float = 1e-6, max_strength: float = 10.0, tolerance: float = 0.03):
         if not 0.0 < target_macs <= 1.0:
             raise ValueError(f"target_macs must be in (0, 1], got {target_macs!r}")
@@ -99,8 +99,9 @@ class BudgetController:
         self.relax = relax
         self.bounds, self.tolerance = (min_strength, max_strength), tolerance
         self.reg.strength = min(max(reg.strength or min_strength, min_strength), max_strength)
-        self.mask, self.optimizer, self.input_shape = mask, optimizer, input_shape
-        self._records = profile(model, input_shape)
+        self.mask, self.optimizer, self.inputs = mask, optimizer, {"input_shape": input_shape,
+                                                                   "example_inputs": example_inputs}
+        self._records = profile(model, **self.inputs)
         self.dense_macs = sum(r.macs("dense") for r in self._records)
         self.steps, self.start, self.last, self.slope = 0, None, None, 0.0
 
@@ -139,7 +140,7 @@ class BudgetController:
         until the deploy MACs are at most `fraction` of dense; never unmasks."""
         deployed = sum(r.macs() for r in self._records) / self.dense_macs
         if deployed > fraction:
-            prune(self.model, macs_budget=fraction, input_shape=self.input_shape, optimizer=self.optimizer)
+            prune(self.model, macs_budget=fraction, optimizer=self.optimizer, **self.inputs)
 
     def reached(self) -> bool:
         """Whether the MACs at keep_energy are within `tolerance` of the target (or below)."""

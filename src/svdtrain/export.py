@@ -16,7 +16,7 @@ log = logging.getLogger("svdtrain")
 
 
 def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str = "macs",
-           round_to: int = 8, reps: int = 7, channels_last: bool = False) -> nn.Module:
+           round_to: int = 8, reps: int = 7, channels_last: bool = False, example_inputs=None) -> nn.Module:
     """A new model with the same outputs in which every SVD layer is ordinary layers.
 
     Each SVD layer becomes its two factor layers at its rank (an nn.Sequential of two
@@ -31,6 +31,8 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
                         `input_shape` (batch included: choose at the batch you deploy) with
                         the current torch thread count; the median of `reps` interleaved
                         runs decides. The result is specific to this CPU/GPU and batch.
+    example_inputs (a tensor or tuple passed to the model as is) replaces input_shape for
+    models that take token ids, several inputs or another dtype.
 
     trace=True returns a torch.fx GraphModule, so the result holds no svdtrain class at all
     and unpickles without svdtrain; models that torch.fx cannot trace fall back (logged) to
@@ -38,14 +40,15 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
     """
     if choose not in ("macs", "latency"):
         raise ValueError(f"choose must be 'macs' or 'latency', not {choose!r}")
-    if choose == "latency" and input_shape is None:
-        raise ValueError("choose='latency' needs input_shape (the deployment batch and size)")
+    sized = input_shape is not None or example_inputs is not None
+    if choose == "latency" and not sized:
+        raise ValueError("choose='latency' needs input_shape (the deployment batch and size) or example_inputs")
     if not any(isinstance(m, SVDLayer) for m in unwrap(model).modules()):
         log.warning("svdtrain: export: the model has no SVD layers (was it decomposed?); "
                     "returning a copy of it as it is")
     compact = copy.deepcopy(unwrap(model))
-    costs = {id(rec.module): rec for rec in profile(compact, input_shape)
-             if isinstance(rec.module, SVDLayer)} if input_shape is not None else {}
+    costs = {id(rec.module): rec for rec in profile(compact, input_shape, example_inputs)
+             if isinstance(rec.module, SVDLayer)} if sized else {}
     replacements = []
     for name, module in compact.named_modules():
         if not isinstance(module, SVDLayer):

@@ -34,13 +34,14 @@ def _keep_top(layer: SVDLayer, k: int) -> None:
 
 
 def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: float | None = None,
-          input_shape=None, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+          input_shape=None, optimizer: torch.optim.Optimizer | None = None, example_inputs=None) -> dict[str, int]:
     """Prune singular values of every SVD layer; returns {qualified_name: rank}.
 
     keep_energy: per layer, keep the fewest largest values whose squares hold at least this
         fraction of the layer's energy (the paper's rule; the reference's -e is 1 - keep_energy).
     macs_budget: instead, bring the whole model's deploy MACs to <= this fraction of its
-        dense MACs (needs `input_shape`). Rule: every active value i of layer l is scored by
+        dense MACs (needs `input_shape`, or `example_inputs` for models that take token ids or
+        several inputs: a tensor or tuple passed to the model as is). Rule: every active value i of layer l is scored by
         its share of the layer's energy, s_i^2 / sum_j s_j^2, divided by the MACs its removal
         saves (one unit of rank of the factor pair); values are removed lowest score first
         (never a layer's last one) until the budget holds. A layer whose factor pair costs
@@ -66,7 +67,7 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
             active_s = layer.s.detach()[layer.active]
             _keep_top(layer, energy_rank(active_s, float(keep_energy)))
     else:
-        _prune_to_budget(model, float(macs_budget), input_shape)
+        _prune_to_budget(model, float(macs_budget), input_shape, example_inputs)
     if optimizer is not None:
         clear_pruned_state(model, optimizer)
     return ranks(model)
@@ -88,12 +89,12 @@ def clear_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> No
                         value[index] = 0.0
 
 
-def _prune_to_budget(model: nn.Module, budget: float, input_shape) -> dict[str, int]:
+def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_inputs=None) -> dict[str, int]:
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"macs_budget must be in (0, 1], got {budget!r}")
-    if input_shape is None:
-        raise ValueError("macs_budget needs input_shape, e.g. (1, 3, 32, 32)")
-    records = profile(model, input_shape)
+    if input_shape is None and example_inputs is None:
+        raise ValueError("macs_budget needs input_shape, e.g. (1, 3, 32, 32), or example_inputs")
+    records = profile(model, input_shape, example_inputs)
     dense_total = sum(r.macs("dense") for r in records)
     target = budget * dense_total
     svd: dict[int, LayerCost] = {}  # per layer, its costs summed over every call in the pass
