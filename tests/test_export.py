@@ -40,7 +40,23 @@ def test_grouped_convs_stay_dense_and_are_logged(caplog):
         model = svdtrain.decompose(GroupedNet())
     assert type(model.dw) is nn.Conv2d and type(model.gc) is nn.Conv2d
     assert isinstance(model.conv, svdtrain.SVDConv2d) and isinstance(model.fc, svdtrain.SVDLinear)
-    assert sum("grouped" in r.message for r in caplog.records) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "dw: grouped conv" in warnings[0] and "gc: grouped conv" in warnings[0]
+    assert "decomposed 3 layers" in warnings[0]
+
+
+def test_layers_of_kinds_not_decomposed_are_named_in_one_warning(caplog):
+    model = nn.Sequential(nn.Conv1d(2, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6, 4))
+    with caplog.at_level("INFO", logger="svdtrain"):
+        svdtrain.decompose(model)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "0: Conv1d is not decomposed" in warnings[0]
+    share = (8 * 6 * 4) / (8 * 6 * 4 + 8 * 2 * 3)
+    assert f"{share:.1%} of the weights" in warnings[0]
+    with caplog.at_level("INFO", logger="svdtrain"):
+        caplog.clear()
+        svdtrain.decompose(mlp())
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_export_uses_dense_layer_where_cheaper():

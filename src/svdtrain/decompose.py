@@ -29,7 +29,10 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     init: "svd" keeps the model's function exactly (SVD of the current weights);
           "random" starts the factors afresh, for training from scratch.
     skip: None, qualified module names, or a predicate (name, module) -> bool.
-    Grouped/depthwise convs stay dense (logged once each). Returns `model`.
+    Grouped/depthwise convs, convs with string padding, Conv1d/3d, transposed convs, Linear
+    subclasses, MultiheadAttention and RNNs stay dense: one log line says how many layers
+    were decomposed, holding what share of the weights, and (as a WARNING) which were left
+    dense and why. Returns `model`.
     """
     if mode not in ("channel", "spatial"):
         raise ValueError(f"mode must be 'channel' or 'spatial', got {mode!r}")
@@ -42,14 +45,14 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     targets = [(name, m) for name, m in root.named_modules(remove_duplicate=False)
                if type(m) in (nn.Conv2d, nn.Linear) and not skipped(name, m)]  # exact types only
     done: dict[int, nn.Module] = {}
+    left: dict[str, str] = {}  # name -> why it stays dense
     for name, module in targets:
         if id(module) in done:
             _set_submodule(root, name, done[id(module)])
             continue
         if not eligible(module):  # a Conv2d that is grouped or has string padding
-            why = (f"is a grouped conv (groups={module.groups})" if module.groups != 1
-                   else f"uses padding={module.padding!r}")
-            log.info("svdtrain: %s %s; left dense", name, why)
+            left[name] = (f"grouped conv (groups={module.groups})" if module.groups != 1
+                          else f"padding={module.padding!r}")
             continue
         if isinstance(module, nn.Conv2d):
             new = SVDConv2d.from_conv(module, mode=mode, init=init)
@@ -58,7 +61,34 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         new.train(module.training)
         done[id(module)] = new
         _set_submodule(root, name, new)
+    _log_coverage(root, done, left, skipped)
     return model
+
+
+def _log_coverage(root: nn.Module, done: dict, left: dict, skipped) -> None:
+    """One line: layers decomposed and the share of weights they hold; at WARNING level, with
+    each kind and reason, when weight-bearing layers were left dense (they still count in
+    count_macs, but gain nothing from SVD training)."""
+    from .layers import SVDLayer
+    for name, m in root.named_modules():
+        if name in left or isinstance(m, SVDLayer) or skipped(name, m) or any(
+                name.startswith(p + ".") for p in left):
+            continue
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and type(m) not in (nn.Conv2d, nn.Linear):
+            left[name] = f"{type(m).__name__} is not decomposed"
+        elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase)):
+            left[name] = f"{type(m).__name__} is not decomposed"
+    kept = sum(layer.rows * layer.cols for layer in done.values())
+    dense_left = sum(root.get_submodule(n).weight.numel() for n in left
+                     if isinstance(getattr(root.get_submodule(n), "weight", None), nn.Parameter))
+    share = kept / max(1, kept + dense_left)
+    line = f"svdtrain: decomposed {len(done)} layers holding {share:.1%} of the weights of decomposable kinds"
+    if left:
+        reasons = "; ".join(f"{n}: {why}" for n, why in list(left.items())[:8])
+        more = f" (+{len(left) - 8} more)" if len(left) > 8 else ""
+        log.warning("%s; left dense: %s%s", line, reasons, more)
+    else:
+        log.info("%s", line)
 
 
 def eligible(module: nn.Module) -> bool:
