@@ -233,3 +233,29 @@ def test_export_of_a_model_without_svd_layers_warns(caplog):
     with caplog.at_level("WARNING", logger="svdtrain"):
         svdtrain.export(mlp())
     assert any("no SVD layers" in r.message for r in caplog.records)
+
+
+class Shared(nn.Module):
+    """One Linear registered under two names and called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(24, 24)
+        self.b = self.a
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("trace", [False, True])
+def test_a_layer_shared_under_two_names_exports_under_both(trace):
+    torch.manual_seed(0)
+    model = svdtrain.decompose(Shared(), init="svd")
+    svdtrain.prune(model, keep_energy=0.8)
+    compact = svdtrain.export(model, input_shape=(2, 24), trace=trace)
+    assert not any(type(m).__module__.startswith("svdtrain") for m in compact.modules())
+    x = torch.randn(2, 24)
+    with torch.no_grad():
+        assert torch.allclose(compact(x), model(x), atol=1e-5)
+    assert svdtrain.count_macs(compact, (2, 24)) == svdtrain.count_macs(model, (2, 24))

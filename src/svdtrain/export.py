@@ -49,9 +49,13 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
     compact = copy.deepcopy(unwrap(model))
     costs = {id(rec.module): rec for rec in profile(compact, input_shape, example_inputs)
              if isinstance(rec.module, SVDLayer)} if sized else {}
-    replacements = []
-    for name, module in compact.named_modules():
+    replacements, built = [], {}
+    # Every name: a layer registered under two names is replaced under both, by one module.
+    for name, module in compact.named_modules(remove_duplicate=False):
         if not isinstance(module, SVDLayer):
+            continue
+        if id(module) in built:
+            replacements.append((name, built[id(module)]))
             continue
         rec = costs.get(id(module))
         if choose == "latency" and rec is not None:
@@ -60,7 +64,8 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
             dense, factored = (rec.dense, rec.macs("factored")) if rec is not None else module.macs()
             new = module.factor_layers() if factored < dense else module.dense_layer()
         new.train(module.training)
-        replacements.append((name, new.to(module.U.device, module.U.dtype)))
+        built[id(module)] = new.to(module.U.device, module.U.dtype)
+        replacements.append((name, built[id(module)]))
     for name, new in replacements:
         if not name:
             return new  # the model was a single SVD layer
