@@ -46,12 +46,14 @@ def test_grouped_convs_stay_dense_and_are_logged(caplog):
 
 
 def test_layers_of_kinds_not_decomposed_are_named_in_one_warning(caplog):
-    model = nn.Sequential(nn.Conv1d(2, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6, 4))
+    model = nn.Sequential(nn.Conv1d(2, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6, 4),
+                          nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 3, padding="same"))
     with caplog.at_level("INFO", logger="svdtrain"):
         svdtrain.decompose(model)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "0: Conv1d is not decomposed" in warnings[0]
-    share = (8 * 6 * 4) / (8 * 6 * 4 + 8 * 2 * 3)
+    assert "5: padding='same'" in warnings[0]
+    share = (8 * 6 * 4) / (8 * 6 * 4 + 8 * 2 * 3 + 2 * 1 * 9)
     assert f"{share:.1%} of the weights" in warnings[0]
     with caplog.at_level("INFO", logger="svdtrain"):
         caplog.clear()
