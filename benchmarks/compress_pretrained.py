@@ -49,13 +49,13 @@ SHAPE = (1, 3, 32, 32)
 def dense_config(args) -> dict:
     return load_config(CONFIG, ["decompose.enabled=false", "regularizer.target_macs=0", f"epochs.train={args.dense_epochs}",
                                 f"val_size={args.val_size}", f"data_dir={args.data_dir}",
-                                f"threads={args.threads}", "device=cpu", "seed=0"])
+                                f"threads={args.threads}", f"device={args.device}", "seed=0"])
 
 
 def compress_config(args, seed: int, dense_state: Path, *overrides: str) -> dict:
     """The shared recipe: compression phase cosine from --lr, fine-tuning cosine from --finetune-lr."""
     return load_config(CONFIG, [
-        f"val_size={args.val_size}", f"data_dir={args.data_dir}", f"threads={args.threads}", "device=cpu",
+        f"val_size={args.val_size}", f"data_dir={args.data_dir}", f"threads={args.threads}", f"device={args.device}",
         f"seed={seed}", "decompose.init=svd", f"decompose.dense_checkpoint={dense_state}", "epochs.orth=0",
         f"epochs.train={args.compress_epochs}", f"epochs.finetune={args.finetune_epochs}",
         f"optim.lr={args.lr}", "optim.schedule=cosine", "optim.warmup_fraction=0.0",
@@ -70,10 +70,14 @@ def accuracies(model, data, cfg) -> dict:
     """Test and validation accuracy of a model (any dense or SVD-form module)."""
     from svdtrain.loader import BatchLoader
     from svdtrain.engine import evaluate
-    out = {}
+    out, device = {}, next(model.parameters()).device
     for key, x, y in (("accuracy", data.x_test, data.y_test), ("val_accuracy", data.x_val, data.y_val)):
-        out[key] = evaluate(model, BatchLoader(x, y, 1000, train=False, mean=data.mean, std=data.std))
+        out[key] = evaluate(model, BatchLoader(x, y, 1000, train=False, mean=data.mean, std=data.std, device=device))
     return out
+
+
+def example(model) -> torch.Tensor:
+    return torch.zeros(SHAPE, device=next(model.parameters()).device)
 
 
 def pipeline_point(out: Path, cfg: dict) -> dict:
@@ -89,17 +93,19 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model = build_model("resnet20", 10)
     model.load_state_dict(torch.load(cfg["decompose"]["dense_checkpoint"], weights_only=True))
+    if cfg["device"] == "cuda":
+        model.cuda()
     e_c, e_f = cfg["epochs"]["train"], cfg["epochs"]["finetune"]
     t0, trained, reg = time.perf_counter(), None, None
     if method == "filter_pruning_l1":
-        filter_prune(model, torch.zeros(SHAPE), level)
+        filter_prune(model, example(model), level)
         e_f += e_c
     elif method == "filter_pruning":
-        sparsity = GroupSparsity(model, torch.zeros(SHAPE), reg=args.group_reg)
+        sparsity = GroupSparsity(model, example(model), reg=args.group_reg)
         fit(model, data, cfg, e_c, stage="train", quiet=True, checkpoint=out / "train.pt",
             on_backward=lambda m: sparsity.regularize())
         trained = accuracies(model, data, cfg)["accuracy"]
-        filter_prune(model, torch.zeros(SHAPE), level, p=2)
+        filter_prune(model, example(model), level, p=2)
     else:  # trp
         trp = TRP(model, every=args.trp_every, keep_energy=args.trp_energy, nuclear=args.trp_nuclear)
         done = torch.load(out / "train.pt", weights_only=True)["epoch"] if (out / "train.pt").exists() else 0
@@ -172,7 +178,8 @@ def write_results(args, work: Path) -> None:
         "points": [{k: p.get(k) for k in ("method", "level", "seed", "macs", "accuracy", "val_accuracy",
                                           "accuracy_trained", "accuracy_before_finetune", "params", "settings",
                                           "budget_warning", "seconds")} for p in points],
-        "machine": f"{platform.machine()}, {args.threads} CPU threads, torch {torch.__version__}",
+        "machine": (torch.cuda.get_device_name() if args.device == "cuda" else
+                    f"{platform.machine()}, {args.threads} CPU threads") + f", torch {torch.__version__}",
         "date": datetime.date.today().isoformat(),
         "commands": (work / "commands.txt").read_text().splitlines() if (work / "commands.txt").exists() else [],
     }
@@ -221,6 +228,7 @@ def main(argv=None):
     p.add_argument("--trp-energy", type=float, default=0.98)
     p.add_argument("--trp-nuclear", type=float, default=3e-4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -3,6 +3,8 @@
 #   benchmarks/gpu_full.sh DATA_DIR [OUT_DIR] [key=value ...]   # needs cifar-10-batches-py/ in DATA_DIR;
 #                                                 overrides go to both runs (e.g. epochs.train=30 to fit a time slot)
 #   benchmarks/gpu_full.sh --smoke               # the same commands on CPU, tiny data, < 1 min
+#   benchmarks/gpu_full.sh compress DATA_DIR [OUT_DIR] [compress_pretrained.py options]
+#                                                 # compress a trained model, every method, 3 seeds at 33%
 # Resumable: rerun the same command after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,18 @@ if [ "${1:-}" = "--smoke" ]; then
   exit 0
 fi
 
-data=${1:?usage: gpu_full.sh DATA_DIR [OUT_DIR] | --smoke}
+if [ "${1:-}" = "compress" ]; then
+  data=${2:?usage: gpu_full.sh compress DATA_DIR [OUT_DIR] [options]}
+  out=${3:-runs/gpu_compress}
+  shift 3 || shift $#
+  mkdir -p "$out"
+  nvidia-smi --query-gpu=name --format=csv,noheader > "$out/device.txt" || true
+  $PY benchmarks/compress_pretrained.py --device cuda --data-dir "$data" --work "$out/work" --out "$out" \
+    --dense-epochs 40 --compress-epochs 8 --finetune-epochs 4 --levels 33% --seeds 0 1 2 "$@"
+  exit 0
+fi
+
+data=${1:?usage: gpu_full.sh DATA_DIR [OUT_DIR] | compress DATA_DIR [OUT_DIR] | --smoke}
 out=${2:-runs/gpu_full}
 shift; shift || true
 mkdir -p "$out"
