@@ -1,4 +1,6 @@
 """Decomposed layers: exact reconstruction, matrix views, forward paths."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -118,3 +120,21 @@ def test_plan_follows_masks_through_load_state_dict_and_to():
     c = b.double()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     assert svdtrain.ranks(c) == svdtrain.ranks(a) and c(x).dtype == torch.float64
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_runs_in_svd_form_and_reads_weight(batch_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=batch_first)
+    ref = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    svd = svdtrain.decompose(copy.deepcopy(ref), init="svd").eval()
+    assert isinstance(svd.layers[0].linear1, SVDLinear)
+    x = torch.randn((2, 5, 16) if batch_first else (5, 2, 16))
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    with torch.no_grad():
+        assert torch.allclose(svd(x, src_key_padding_mask=pad), ref(x, src_key_padding_mask=pad), atol=1e-4)
+    svd.train()
+    out = svd(x, src_key_padding_mask=pad)
+    (out.square().mean() + svdtrain.orthogonality_loss(svd)).backward()
+    lin = svd.layers[0].linear1
+    assert lin.weight.shape == (32, 16) and lin.U.grad is not None and lin.s.grad is not None

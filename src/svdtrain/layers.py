@@ -89,6 +89,15 @@ class SVDLayer(nn.Module):
             return self.U, self.s, self.V
         return self.U[:, idx], self.s[idx], self.V[:, idx]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """U diag(s) V^T in the original layer's weight shape, differentiable: code that reads
+        `layer.weight` (TransformerEncoderLayer, a tied head) runs unchanged."""
+        return self.dense_weight()
+
+    def dense_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
     def matrix(self) -> torch.Tensor:
         """The matrix view U diag(s) V^T at the active rank."""
         u, s, v = self.factors()
