@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .layers import SVDLayer, unwrap
-from .macs import profile
+from .macs import profile, ships_factored
 
 log = logging.getLogger("svdtrain")
 
@@ -62,7 +62,7 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
             new = _fastest(name, module, rec.input_shape, round_to, reps, channels_last)
         else:
             dense, factored = (rec.dense, rec.macs("factored")) if rec is not None else module.macs()
-            new = module.factor_layers() if factored < dense else module.dense_layer()
+            new = module.factor_layers() if ships_factored(dense, factored) else module.dense_layer()
         new.train(module.training)
         built[id(module)] = new.to(module.U.device, module.U.dtype)
         replacements.append((name, built[id(module)]))

@@ -19,6 +19,17 @@ from .layers import SVDLayer, SVDLinear, unwrap
 COSTS = ("deploy", "factored", "dense")
 
 
+def ships_factored(dense: int, factored: int) -> bool:
+    """The one deploy rule (export, counts and pruning all use it): an SVD layer ships as its
+    factor pair where that costs fewer MACs than its dense form, else as one dense layer."""
+    return factored < dense
+
+
+def deploy_cost(dense: int, factored: int) -> int:
+    """MACs of a layer as it ships under `ships_factored`."""
+    return factored if ships_factored(dense, factored) else dense
+
+
 @dataclass
 class LayerCost:
     """One counted layer of a forward pass (batch included)."""
@@ -32,7 +43,7 @@ class LayerCost:
         if not isinstance(self.module, SVDLayer) or cost == "dense":
             return self.dense
         factored = self.per_rank * (self.module.rank if rank is None else rank)
-        return factored if cost == "factored" else min(self.dense, factored)
+        return factored if cost == "factored" else deploy_cost(self.dense, factored)
 
 
 COUNTED = (SVDLayer, nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
@@ -168,7 +179,7 @@ def layer_params(layer: SVDLayer, cost: str = "deploy") -> int:
     if cost == "factored":
         return factored + bias
     dense_macs, factored_macs = layer.macs()
-    return (factored if factored_macs < dense_macs else dense) + bias
+    return (factored if ships_factored(dense_macs, factored_macs) else dense) + bias
 
 
 def count_params(model: nn.Module, cost: str = "deploy") -> int:

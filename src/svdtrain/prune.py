@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .layers import SVDLayer, svd_layers
-from .macs import LayerCost, profile
+from .macs import LayerCost, deploy_cost, profile, ships_factored
 
 
 def energy_rank(s: torch.Tensor, keep_energy: float) -> int:
@@ -107,9 +107,9 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
     fixed = sum(r.macs() for r in records if not isinstance(r.module, SVDLayer))
 
     def total() -> int:
-        return fixed + sum(min(r.dense, r.per_rank * rank[k]) for k, r in svd.items())
+        return fixed + sum(deploy_cost(r.dense, r.per_rank * rank[k]) for k, r in svd.items())
 
-    floor = fixed + sum(min(r.dense, r.per_rank) for r in svd.values())
+    floor = fixed + sum(deploy_cost(r.dense, r.per_rank) for r in svd.values())
     if floor > target:
         raise ValueError(f"macs_budget {budget:g} is below what rank 1 everywhere reaches "
                          f"({floor / dense_total:.3f} of dense MACs)")
@@ -127,7 +127,7 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
         r, k = svd[key], rank[key]
         if k <= 1 or r.per_rank <= 0:
             return None
-        if r.per_rank * k < r.dense:
+        if ships_factored(r.dense, r.per_rank * k):
             new = k - 1
             saved = r.per_rank
         else:
@@ -148,7 +148,7 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
     while current > target and heap:
         _, key, new = heapq.heappop(heap)
         r = svd[key]
-        current -= min(r.dense, r.per_rank * rank[key]) - min(r.dense, r.per_rank * new)
+        current -= deploy_cost(r.dense, r.per_rank * rank[key]) - deploy_cost(r.dense, r.per_rank * new)
         rank[key] = new
         move = next_move(key)
         if move is not None:
