@@ -22,7 +22,6 @@ import copy
 import datetime
 import json
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from svdtrain.data import load_dataset
 from svdtrain.engine import evaluate, fit
 from svdtrain.loader import BatchLoader
 from svdtrain.models import build_model
-from svdtrain.train import Run
+from svdtrain.train import Run, fork_run
 
 HERE = Path(__file__).resolve().parent
 LEVELS = {"50%": 0.50, "33%": 0.33, "25%": 0.25}
@@ -181,11 +180,7 @@ def run_methods(args, work, cfg, data):
         trained = work / f"svd_training{tag}"
         run_pipeline(trained, with_(svd_cfg, f"regularizer.strength={hoyer}"), until="train")
         out = work / f"svd_training{tag}_{level.rstrip('%')}"
-        if not out.exists():
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(trained, tmp)
-            tmp.rename(out)
+        fork_run(trained, out)
         pt = pipeline_point(work, method, level, out,
                             with_(svd_cfg, f"regularizer.strength={hoyer}", f"prune.macs_budget={budget}"))
         pt["hoyer"], pt["init"] = hoyer, args.svd_init

@@ -270,3 +270,17 @@ def test_dense_init_starts_from_the_fresh_dense_model_in_svd_form():
     assert list(svdtrain.svd_layers(svd))
     with torch.no_grad():
         assert torch.allclose(svd(x), dense(x), atol=1e-4)
+
+
+def test_fork_a_trained_run_into_two_budgets(tiny, tmp_path):
+    from svdtrain.train import fork_run
+    root, cfg = tiny
+    trained = tmp_path / "trained"
+    cli("train", cfg, "--out", trained, "--quiet")
+    for budget in (0.6, 0.3):
+        out = fork_run(trained, tmp_path / f"b{budget}")
+        cli("run", cfg, "--out", out, "--quiet", f"prune.macs_budget={budget}")
+        s = json.loads((out / "summary.json").read_text())
+        assert s["macs"] <= budget * s["dense_macs"]
+    assert not (trained / "summary.json").exists()  # the source run is untouched
+    assert fork_run(trained, tmp_path / "b0.3") == tmp_path / "b0.3"  # an existing fork is kept

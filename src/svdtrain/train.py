@@ -432,6 +432,24 @@ def spectra(model: nn.Module) -> dict[str, list[float]]:
             for n, l in svd_layers(model)}
 
 
+def fork_run(src, dst) -> Path:
+    """Start a new run in `dst` from the state of the run in `src` (e.g. one trained run pruned
+    to several budgets): its checkpoint and metrics are copied; later stages then run in `dst`
+    with their own config keys. A `dst` that already holds a run is kept as it is."""
+    src, dst = Path(src), Path(dst)
+    if (dst / CHECKPOINT).exists():
+        return dst
+    if not (src / CHECKPOINT).exists():
+        raise RunError(f"no run to fork in {src}")
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", CHECKPOINT):  # the checkpoint last: its presence marks a run
+        if (src / name).exists():
+            tmp = dst / (name + ".tmp")
+            tmp.write_bytes((src / name).read_bytes())
+            os.replace(tmp, dst / name)
+    return dst
+
+
 def load_run_model(out_dir) -> nn.Module:
     """Rebuild a finished run's SVD-form model from its config and model_state.pt."""
     out = Path(out_dir)
