@@ -65,6 +65,7 @@ def load_points(work: Path) -> list[dict]:
     hoyer/init fields: they were made with Hoyer 0.01 and random init."""
     points = [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
     for p in points:
+        p.setdefault("seed", 0)  # every point before seeds were recorded ran with --seed 0
         if p["method"] == "svd_training":
             p.setdefault("hoyer", 0.01)
             p.setdefault("init", "random")
@@ -88,7 +89,7 @@ def pipeline_point(work, method, level, out, cfg, seconds_before=0.0):
     return {"method": method, "level": level, "macs": summary["macs"], "dense_macs": summary["dense_macs"],
             "accuracy": summary["accuracy"], "accuracy_before_finetune": summary["accuracy_pruned"],
             "params": summary["params"], "ranks": summary["ranks"], "compact": str(out / "compact.pt2"),
-            "train_seconds": seconds_before, "run_seconds": summary["train_seconds"]}
+            "train_seconds": seconds_before, "run_seconds": summary["train_seconds"], "seed": cfg["seed"]}
 
 
 def finetune_point(work, method, level, model, data, cfg, reg=None, train_seconds=0.0):
@@ -110,7 +111,7 @@ def finetune_point(work, method, level, model, data, cfg, reg=None, train_second
             "dense_macs": svdtrain.count_macs(build_model("resnet20", 10), SHAPE),
             "accuracy": evaluate(model, test), "accuracy_before_finetune": before,
             "params": svdtrain.count_params(model), "compact": str(out / "compact.pt2"),
-            "train_seconds": train_seconds, "finetune_seconds": seconds}
+            "train_seconds": train_seconds, "finetune_seconds": seconds, "seed": cfg["seed"]}
 
 
 def main(argv=None):
@@ -264,7 +265,7 @@ def write_results(args, work: Path, cfg: dict):
     result = {"budget": budget,
               "dense": {"accuracy": dense["accuracy"], "macs": dense["macs"]} if dense else None,
               "points": [{k: p[k] for k in ("method", "level", "macs", "accuracy", "accuracy_before_finetune",
-                                            "params", "hoyer", "init", "series") if k in p} for p in rows],
+                                            "params", "hoyer", "init", "series", "seed") if k in p} for p in rows],
               "machine": f"{platform.machine()}, {args.threads} CPU threads, torch {torch.__version__}",
               "date": datetime.date.today().isoformat(),
               "commands": (work / "commands.txt").read_text().splitlines() if (work / "commands.txt").exists() else []}
