@@ -12,9 +12,11 @@ The rule, in full (BudgetController):
 - Update law: with d the smoothed change of m per update (d <- 0.7 d + 0.3 (m - m_prev)) and
   the prediction p = m + horizon * d (where m will be `horizon` updates from now: singular
   values on their way to zero keep falling after the strength drops, so reacting to m alone
-  overshoots), strength <- strength * exp(gain * clip((p - m*(t)) / m*(t), -1, 1)), then
-  clamped to [min_strength, max_strength]: above the schedule the sparsity term grows,
-  below it relaxes, by at most a factor e^gain per update.
+  overshoots), err = clip((p - m*(t)) / m*(t), -1, 1) and
+  strength <- strength * exp(gain * err) if err > 0 else strength * exp(relax * gain * err),
+  then clamped to [min_strength, max_strength] (defaults: gain 0.5, horizon 5, relax 4,
+  [1e-6, 10]): above the schedule the sparsity term grows by at most e^gain per update,
+  below it relaxes up to `relax` times faster, because values that died do not come back.
 - With mask=True (gradual pruning), each update also masks the lowest-scored singular values
   (`prune(macs_budget=m*(t))`, the optimizer's state of them zeroed) until the deploy MACs
   are at most m*(t): the ranks follow the schedule and the last part of the stage trains at
@@ -27,7 +29,6 @@ the same strength, and state_dict() / load_state_dict() make a resumed run ident
 """
 from __future__ import annotations
 
-import logging
 import math
 
 from torch import nn
@@ -35,9 +36,6 @@ from torch import nn
 from .losses import Regularizer
 from .macs import LayerCost, profile
 from .prune import energy_rank, prune
-
-log = logging.getLogger("svdtrain")
-
 
 def macs_at_energy(records: list[LayerCost], keep_energy: float) -> tuple[int, list[int]]:
     """(deploy MACs, ranks) if every SVD layer in `records` (a `profile` of the model) were
