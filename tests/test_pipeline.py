@@ -209,7 +209,8 @@ def _final(out):
         for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("extra", [(), ("regularizer.target_macs=0.5",)], ids=["fixed", "budget"])
+@pytest.mark.parametrize("extra", [(), ("regularizer.target_macs=0.5",), ("regularizer.target_macs=0.5", "prune.gradual=true")],
+                         ids=["fixed", "budget", "gradual"])
 def test_resume_after_sigkill_gives_identical_result(finished, tiny, tmp_path, extra):
     if extra:  # the uninterrupted reference with the same settings
         finished = tmp_path / "reference"
