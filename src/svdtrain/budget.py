@@ -20,7 +20,8 @@ The rule, in full (BudgetController):
 - With mask=True (gradual pruning), each update also masks the lowest-scored singular values
   (`prune(macs_budget=m*(t))`, the optimizer's state of them zeroed) until the deploy MACs
   are at most m*(t): the ranks follow the schedule and the last part of the stage trains at
-  the final ranks; the sparsity term then only concentrates energy ahead of the cuts.
+  the final ranks. The strength is then steered toward m*(t + lead) instead (lead: a tenth of
+  the ramp), so the sparsity term empties the values that the next cuts will take.
 - If the target is not reached by the end of the stage (m > target + tolerance), `report()`
   says so; the prune stage still meets the budget (prune(macs_budget=target)), by cutting
   energy training did not empty.
@@ -97,6 +98,7 @@ class BudgetController:
         self.relax = relax
         self.bounds, self.tolerance = (min_strength, max_strength), tolerance
         self.reg.strength = min(max(reg.strength or min_strength, min_strength), max_strength)
+        self.lead = int(0.1 * self.target_at * self.total)  # with mask: a tenth of the ramp ahead
         self.mask, self.optimizer, self.inputs = mask, optimizer, {"input_shape": input_shape,
                                                                    "example_inputs": example_inputs}
         self._records = profile(model, **self.inputs)
@@ -125,7 +127,10 @@ class BudgetController:
             self.slope = 0.7 * self.slope + 0.3 * (m - self.last)
             self.last = m
             want = self.schedule()
-            err = max(-1.0, min(1.0, (m + self.horizon * self.slope - want) / want))
+            # Masking follows the schedule; the sparsity term aims a little ahead of it, so the
+            # values cut next have already lost their energy when the cut comes.
+            aim = self.schedule(self.steps + self.lead) if self.mask else want
+            err = max(-1.0, min(1.0, (m + self.horizon * self.slope - aim) / aim))
             # Values that died do not come back: relax faster than tighten.
             s = self.reg.strength * math.exp(self.gain * err * (1.0 if err > 0 else self.relax))
             self.reg.strength = min(max(s, self.bounds[0]), self.bounds[1])
