@@ -95,3 +95,24 @@ def test_unreachable_target_warns_in_log_and_report_and_prune_meets_budget(tmp_p
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("strength" in r and "macs_at_threshold" in r for r in rows if r["stage"] == "train")
     assert (out / "budget.png").is_file()
+
+
+def test_gradual_masking_follows_the_schedule_and_keeps_masked_values_at_zero():
+    torch.manual_seed(0)
+    model = svdtrain.decompose(TinyResNet(), init="random")
+    reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ctrl = BudgetController(model, reg, 0.4, SHAPE, total_steps=20, every=2, target_at=0.5, mask=True, optimizer=opt)
+    dense = svdtrain.count_macs(model, SHAPE, cost="dense")
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    for step in range(1, 21):
+        loss = torch.nn.functional.cross_entropy(model(x), y) + reg(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ctrl.step()
+        if step % 2 == 0:
+            assert svdtrain.count_macs(model, SHAPE) <= ctrl.schedule(step) * dense + 1
+    assert svdtrain.count_macs(model, SHAPE) <= 0.4 * dense
+    for _, layer in svdtrain.svd_layers(model):
+        assert torch.all(layer.s.detach()[~layer.active] == 0)
