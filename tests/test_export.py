@@ -55,6 +55,12 @@ def test_layers_of_kinds_not_decomposed_are_named_in_one_warning(caplog):
     assert "5: padding='same'" in warnings[0]
     share = (8 * 6 * 4) / (8 * 6 * 4 + 8 * 2 * 3 + 2 * 1 * 9)
     assert f"{share:.1%} of the weights" in warnings[0]
+    with caplog.at_level("INFO", logger="svdtrain"):  # with an input: the share of the MACs
+        caplog.clear()
+        fresh = nn.Sequential(nn.Conv1d(2, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6, 4))
+        svdtrain.decompose(fresh, input_shape=(1, 2, 8))
+    conv, fc = 6 * 8 * (2 * 3), 48 * 4
+    assert f"{fc / (conv + fc):.1%} of the model's MACs" in caplog.records[-1].getMessage()
     with caplog.at_level("INFO", logger="svdtrain"):
         caplog.clear()
         svdtrain.decompose(mlp())

@@ -7,6 +7,7 @@ from typing import Callable, Iterable
 from torch import nn
 
 from .layers import SVDConv2d, SVDLinear, unwrap
+from .macs import profile
 
 log = logging.getLogger("svdtrain")
 
@@ -22,7 +23,8 @@ def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:
     return lambda name, module: name in names
 
 
-def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: Skip = None) -> nn.Module:
+def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: Skip = None, *,
+              input_shape=None, example_inputs=None) -> nn.Module:
     """Replace, in place, every eligible nn.Conv2d / nn.Linear of `model` by its SVD form.
 
     mode: "channel" or "spatial" (spatial applies to convs with a kernel larger than 1x1).
@@ -31,7 +33,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     skip: None, qualified module names, or a predicate (name, module) -> bool.
     Grouped/depthwise convs, convs with string padding, Conv1d/3d, transposed convs, Linear
     subclasses, MultiheadAttention and RNNs stay dense: one log line says how many layers
-    were decomposed, holding what share of the weights, and (as a WARNING) which were left
+    were decomposed, holding what share of the model's MACs (with `input_shape` or
+    `example_inputs`; else of the weights of those kinds), and (as a WARNING) which were left
     dense and why. Returns `model`.
     """
     if mode not in ("channel", "spatial"):
@@ -40,6 +43,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
     skipped = _skip_predicate(skip)
     root = unwrap(model)
+    records = (profile(root, input_shape, example_inputs)
+               if input_shape is not None or example_inputs is not None else None)
     # Collect first: replacing while iterating named_modules() would visit the new layers.
     # Duplicates are kept so a layer shared under two names becomes one SVD layer in both.
     targets = [(name, m) for name, m in root.named_modules(remove_duplicate=False)
@@ -61,12 +66,13 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         new.train(module.training)
         done[id(module)] = new
         _set_submodule(root, name, new)
-    _log_coverage(root, done, left, skipped)
+    _log_coverage(root, done, left, skipped, records)
     return model
 
 
-def _log_coverage(root: nn.Module, done: dict, left: dict, skipped) -> None:
-    """One line: layers decomposed and the share of weights they hold; at WARNING level, with
+def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None) -> None:
+    """One line: layers decomposed and the share of MACs (from `records`, a profile taken
+    before the change) or else of weights they hold; at WARNING level, with
     each kind and reason, when weight-bearing layers were left dense (they still count in
     count_macs, but gain nothing from SVD training)."""
     from .layers import SVDLayer
@@ -78,11 +84,17 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped) -> None:
             left[name] = f"{type(m).__name__} is not decomposed"
         elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase)):
             left[name] = f"{type(m).__name__} is not decomposed"
-    kept = sum(layer.rows * layer.cols for layer in done.values())
-    dense_left = sum(root.get_submodule(n).weight.numel() for n in left
-                     if isinstance(getattr(root.get_submodule(n), "weight", None), nn.Parameter))
-    share = kept / max(1, kept + dense_left)
-    line = f"svdtrain: decomposed {len(done)} layers holding {share:.1%} of the weights of decomposable kinds"
+    if records is not None:
+        total = sum(r.dense for r in records)
+        share = sum(r.dense for r in records if id(r.module) in done) / max(1, total)
+        what = "of the model's MACs"
+    else:
+        kept = sum(layer.rows * layer.cols for layer in done.values())
+        dense_left = sum(root.get_submodule(n).weight.numel() for n in left
+                         if isinstance(getattr(root.get_submodule(n), "weight", None), nn.Parameter))
+        share = kept / max(1, kept + dense_left)
+        what = "of the weights of decomposable kinds"
+    line = f"svdtrain: decomposed {len(done)} layers holding {share:.1%} {what}"
     if left:
         reasons = "; ".join(f"{n}: {why}" for n, why in list(left.items())[:8])
         more = f" (+{len(left) - 8} more)" if len(left) > 8 else ""

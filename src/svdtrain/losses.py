@@ -41,7 +41,7 @@ def layer_sparsity(layer: SVDLayer, kind: str) -> torch.Tensor:
 def _total(model: nn.Module, fn) -> torch.Tensor:
     terms = [fn(layer) for _, layer in svd_layers(model)]
     if not terms:
-        raise ValueError("the model has no SVD layers; call svdtrain.decompose(model) first")
+        raise ValueError("the model has no SVD layers (decompose(model) first; it replaces plain Conv2d/Linear layers only)")
     return torch.stack(terms).sum()
 
 

@@ -59,7 +59,7 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
         raise ValueError("give exactly one of keep_energy or macs_budget")
     layers = list(svd_layers(model))
     if not layers:
-        raise ValueError("the model has no SVD layers; call svdtrain.decompose(model) first")
+        raise ValueError("the model has no SVD layers (decompose(model) first; it replaces plain Conv2d/Linear layers only)")
     if keep_energy is not None:
         if not (isinstance(keep_energy, (int, float)) and 0.0 < keep_energy <= 1.0):
             raise ValueError(f"keep_energy must be in (0, 1], got {keep_energy!r}")
