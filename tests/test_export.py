@@ -267,3 +267,21 @@ def test_a_layer_shared_under_two_names_exports_under_both(trace):
     with torch.no_grad():
         assert torch.allclose(compact(x), model(x), atol=1e-5)
     assert svdtrain.count_macs(compact, (2, 24)) == svdtrain.count_macs(model, (2, 24))
+
+
+def test_transposed_convs_attention_and_rnns_are_named_as_left_dense(caplog):
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(3, 4, 2, stride=2)
+            self.attn = nn.MultiheadAttention(8, 2)
+            self.rnn = nn.GRU(8, 8)
+            self.fc = nn.Linear(8, 2)
+
+    with caplog.at_level("INFO", logger="svdtrain"):
+        model = svdtrain.decompose(Mixed())
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"][0]
+    for part in ("up: ConvTranspose2d", "attn: MultiheadAttention", "rnn: GRU"):
+        assert part in warning
+    assert "attn.out_proj" not in warning  # inside the attention module: named once, as the module
+    assert isinstance(model.fc, svdtrain.SVDLinear)
