@@ -285,3 +285,14 @@ def test_fork_a_trained_run_into_two_budgets(tiny, tmp_path):
         assert s["macs"] <= budget * s["dense_macs"]
     assert not (trained / "summary.json").exists()  # the source run is untouched
     assert fork_run(trained, tmp_path / "b0.3") == tmp_path / "b0.3"  # an existing fork is kept
+
+
+@pytest.mark.parametrize("name", ["digits", "cifar10_resnet20", "cifar10_resnet20_full", "cifar10_resnet56",
+                                  "cifar10_resnet20_compress"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    from svdtrain.config import load_config
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    cfg = load_config(path, ["decompose.dense_checkpoint=dense.pt"] if name.endswith("compress") else [])
+    assert cfg["model"] and cfg["epochs"]["train"] > 0
