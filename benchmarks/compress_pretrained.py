@@ -26,6 +26,7 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -41,6 +42,7 @@ from svdtrain.train import Run, run_dataset
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "cifar10_resnet20.yaml"
+DENSE_RUN = HERE / "results" / "pretrained_dense"  # the dense model every point starts from
 LEVELS = {"50%": 0.50, "33%": 0.33, "25%": 0.25}
 METHODS = ("svd_training", "posthoc_svd", "filter_pruning", "filter_pruning_l1", "trp")
 SHAPE = (1, 3, 32, 32)
@@ -60,6 +62,21 @@ def compress_config(args, seed: int, dense_state: Path, *overrides: str) -> dict
         f"epochs.train={args.compress_epochs}", f"epochs.finetune={args.finetune_epochs}",
         f"optim.lr={args.lr}", "optim.schedule=cosine", "optim.warmup_fraction=0.0",
         f"optim.finetune_lr={args.finetune_lr}", "regularizer.target_macs=0", *overrides])
+
+
+def restore_dense(dense: Path, args) -> None:
+    """The committed dense model (results/pretrained_dense: its run checkpoint, metrics and
+    summary) seeds a fresh work directory when the dense settings asked for are its own, so
+    every machine compresses the same trained model; model_state.pt is rewritten from it."""
+    if (dense / "checkpoint.pt").exists() or not (DENSE_RUN / "checkpoint.pt").exists():
+        return
+    state = torch.load(DENSE_RUN / "checkpoint.pt", map_location="cpu", weights_only=True)
+    if (state["config"]["epochs"]["train"], state["config"].get("val_size")) != (args.dense_epochs, args.val_size):
+        return
+    dense.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
+        shutil.copyfile(DENSE_RUN / name, dense / name)
+    torch.save(state["model"], dense / "model_state.pt")
 
 
 def point_file(work: Path, method: str, level: str, seed: int) -> Path:
@@ -237,6 +254,7 @@ def main(argv=None):
     if not args.report_only:
         with open(work / "commands.txt", "a") as f:
             f.write(" ".join(["python benchmarks/compress_pretrained.py", *(argv if argv is not None else sys.argv[1:])]) + "\n")
+        restore_dense(work / "dense", args)
         Run(work / "dense", dense_config(args), quiet=True).execute()
         data = run_dataset(compress_config(args, 0, work / "dense" / "model_state.pt"))
         for seed in args.seeds:
