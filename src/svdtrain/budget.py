@@ -38,6 +38,7 @@ from .losses import Regularizer
 from .macs import LayerCost, profile
 from .prune import energy_rank, prune
 
+
 def macs_at_energy(records: list[LayerCost], keep_energy: float) -> tuple[int, list[int]]:
     """(deploy MACs, ranks) if every SVD layer in `records` (a `profile` of the model) were
     pruned now at `keep_energy`; layers that are called twice count twice."""
@@ -144,10 +145,6 @@ class BudgetController:
         deployed = sum(r.macs() for r in self._records) / self.dense_macs
         if deployed > fraction:
             prune(self.model, macs_budget=fraction, optimizer=self.optimizer, **self.inputs)
-
-    def reached(self) -> bool:
-        """Whether the MACs at keep_energy are within `tolerance` of the target (or below)."""
-        return self.measure() <= self.target + self.tolerance
 
     def report(self) -> str | None:
         """A one-line warning if the target was not reached, else None."""

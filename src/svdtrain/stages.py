@@ -32,7 +32,6 @@ def _sparsity(cfg: dict, stage: str) -> tuple[str | None, float]:
     return r["sparsity"], r["strength"]
 
 
-# ----------------------------------------------------------------------------- the run
 class Stages:
     """The stage bodies; see `Run` for the attributes they use (cfg, state, model, loaders)."""
 
