@@ -153,8 +153,12 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
     out = work / f"{method}_{level.rstrip('%')}_s{seed}"
     settings = {}
     if method == "svd_training":
-        settings = {"strength": args.strength, "target_at": args.target_at, "gradual": args.gradual}
-        cfg = compress_config(args, seed, dense_state, f"regularizer.target_macs={budget}",
+        settings = {"strength": args.strength, "target_at": args.target_at, "gradual": args.gradual,
+                    "schedule": args.svd_schedule}
+        # "one": the whole budget is one train stage under one cosine (no restart at fine-tuning);
+        # with gradual masking the prune stage then has nothing left to cut.
+        split = [f"epochs.train={e_c + e_f}", "epochs.finetune=0"] if args.svd_schedule == "one" else []
+        cfg = compress_config(args, seed, dense_state, *split, f"regularizer.target_macs={budget}",
                               f"regularizer.strength={args.strength}", f"regularizer.target_at={args.target_at}",
                               f"prune.gradual={str(args.gradual).lower()}")
         point = pipeline_point(out, cfg)
@@ -238,6 +242,9 @@ def main(argv=None):
     p.add_argument("--finetune-lr", type=float, default=0.02)
     p.add_argument("--strength", type=float, default=0.005, help="SVD training: the sparsity strength to start from")
     p.add_argument("--target-at", type=float, default=0.5, help="SVD training: where in E_c the level is reached")
+    p.add_argument("--svd-schedule", choices=("split", "one"), default="split",
+                   help="SVD training: E_c train + E_f fine-tune (split), or E_c + E_f epochs of one train "
+                        "stage under one cosine (one; --target-at is then a fraction of all of them)")
     p.add_argument("--gradual", action=argparse.BooleanOptionalAction, default=True,
                    help="SVD training: mask values along the schedule (prune.gradual)")
     p.add_argument("--group-reg", type=float, default=5e-4, help="filter_pruning: group-norm weight")

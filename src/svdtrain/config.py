@@ -32,7 +32,7 @@ DEFAULTS: dict = {
     # format you will deploy with ("latency").
     "export": {"choose": "macs", "batch": 1, "channels_last": False},
     "optim": {
-        "name": "sgd",            # sgd | adam
+        "name": "sgd",            # sgd | adam | adamw
         "lr": 0.2,
         "momentum": 0.9,
         "nesterov": True,
@@ -59,7 +59,7 @@ CHOICES = {
     "decompose.mode": ("channel", "spatial"),
     "decompose.init": ("random", "dense_init", "svd"),
     "regularizer.sparsity": ("hoyer", "hoyer_square", "l1", "none"),
-    "optim.name": ("sgd", "adam"),
+    "optim.name": ("sgd", "adam", "adamw"),
     "optim.schedule": ("onecycle", "cosine", "step", "constant"),
     "device": ("auto", "cpu", "cuda"),
     "export.choose": ("macs", "latency"),

@@ -6,7 +6,8 @@ from typing import Callable, Iterable
 
 from torch import nn
 
-from .layers import SVDConv2d, SVDLinear, unwrap
+from .attention import SVDMultiheadAttention
+from .layers import SVDConv2d, SVDLayer, SVDLinear, unwrap
 from .macs import profile
 
 log = logging.getLogger("svdtrain")
@@ -25,14 +26,16 @@ def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:
 
 def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: Skip = None, *,
               input_shape=None, example_inputs=None) -> nn.Module:
-    """Replace, in place, every eligible nn.Conv2d / nn.Linear of `model` by its SVD form.
+    """Replace, in place, every eligible nn.Conv2d / nn.Linear / nn.MultiheadAttention of
+    `model` by its SVD form (attention: SVDMultiheadAttention, its q, k, v and output
+    projections each an SVDLinear with its own rank).
 
     mode: "channel" or "spatial" (spatial applies to convs with a kernel larger than 1x1).
     init: "svd" keeps the model's function exactly (SVD of the current weights);
           "random" starts the factors afresh, for training from scratch.
     skip: None, qualified module names, or a predicate (name, module) -> bool.
     Grouped/depthwise convs, convs with string padding, Conv1d/3d, transposed convs, Linear
-    subclasses, MultiheadAttention and RNNs stay dense: one log line says how many layers
+    subclasses, attention with add_bias_kv or add_zero_attn, and RNNs stay dense: one log line says how many layers
     were decomposed, holding what share of the model's MACs (with `input_shape` or
     `example_inputs`; else of the weights of those kinds), and (as a WARNING) which were left
     dense and why. Returns `model`.
@@ -48,26 +51,36 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     # Collect first: replacing while iterating named_modules() would visit the new layers.
     # Duplicates are kept so a layer shared under two names becomes one SVD layer in both.
     targets = [(name, m) for name, m in root.named_modules(remove_duplicate=False)
-               if type(m) in (nn.Conv2d, nn.Linear) and not skipped(name, m)]  # exact types only
+               if type(m) in (nn.Conv2d, nn.Linear, nn.MultiheadAttention) and not skipped(name, m)]  # exact types
     done: dict[int, nn.Module] = {}
     left: dict[str, str] = {}  # name -> why it stays dense
     for name, module in targets:
         if id(module) in done:
             _set_submodule(root, name, done[id(module)])
             continue
-        if not eligible(module):  # a Conv2d that is grouped or has string padding
-            left[name] = (f"grouped conv (groups={module.groups})" if module.groups != 1
-                          else f"padding={module.padding!r}")
+        if not eligible(module):
+            left[name] = _why_dense(module)
             continue
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.MultiheadAttention):
+            new = SVDMultiheadAttention.from_mha(module, init=init)
+        elif isinstance(module, nn.Conv2d):
             new = SVDConv2d.from_conv(module, mode=mode, init=init)
         else:
             new = SVDLinear.from_linear(module, init=init)
         new.train(module.training)
         done[id(module)] = new
         _set_submodule(root, name, new)
+    for m in root.modules():  # its fused path packs q, k, v: the layers must take the ordinary one
+        if isinstance(m, nn.TransformerEncoder) and any(isinstance(a, SVDMultiheadAttention) for a in m.modules()):
+            m.use_nested_tensor = False
     _log_coverage(root, done, left, skipped, records)
     return model
+
+
+def _why_dense(module: nn.Module) -> str:
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention with add_bias_kv or add_zero_attn"
+    return f"grouped conv (groups={module.groups})" if module.groups != 1 else f"padding={module.padding!r}"
 
 
 def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None) -> None:
@@ -75,9 +88,8 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None
     before the change) or else of weights they hold; at WARNING level, with
     each kind and reason, when weight-bearing layers were left dense (they still count in
     count_macs, but gain nothing from SVD training)."""
-    from .layers import SVDLayer
     for name, m in root.named_modules():
-        if name in left or isinstance(m, SVDLayer) or skipped(name, m) or any(
+        if name in left or isinstance(m, (SVDLayer, SVDMultiheadAttention)) or skipped(name, m) or any(
                 name.startswith(p + ".") for p in left):
             continue
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and type(m) not in (nn.Conv2d, nn.Linear):
@@ -89,7 +101,8 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None
         share = sum(r.dense for r in records if id(r.module) in done) / max(1, total)
         what = "of the model's MACs"
     else:
-        kept = sum(layer.rows * layer.cols for layer in done.values())
+        kept = sum(layer.rows * layer.cols for new in done.values() for layer in new.modules()
+                   if isinstance(layer, SVDLayer))
         dense_left = sum(root.get_submodule(n).weight.numel() for n in left
                          if isinstance(getattr(root.get_submodule(n), "weight", None), nn.Parameter))
         share = kept / max(1, kept + dense_left)
@@ -104,10 +117,13 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None
 
 
 def eligible(module: nn.Module) -> bool:
-    """Whether `decompose` replaces this layer: a plain Linear, or a plain Conv2d with
-    groups=1 and integer padding (exact types: subclasses may change forward)."""
+    """Whether `decompose` replaces this layer: a plain Linear, a plain Conv2d with groups=1
+    and integer padding, or a plain MultiheadAttention without add_bias_kv / add_zero_attn
+    (exact types: subclasses may change forward)."""
     if type(module) is nn.Linear:
         return True
+    if type(module) is nn.MultiheadAttention:
+        return module.bias_k is None and not module.add_zero_attn
     return type(module) is nn.Conv2d and module.groups == 1 and not isinstance(module.padding, str)
 
 

@@ -29,6 +29,8 @@ def make_optimizer(model: nn.Module, cfg: dict, stage: str, total_steps: int):
     groups = param_groups(model, o["weight_decay"])
     if o["name"] == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"] and o["momentum"] > 0)
+    elif o["name"] == "adamw":  # decoupled weight decay: the usual choice for transformers
+        opt = torch.optim.AdamW(groups, lr=lr)
     else:
         opt = torch.optim.Adam(groups, lr=lr)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(cfg, stage, i, total_steps))

@@ -9,6 +9,7 @@ import time
 import torch
 from torch import nn
 
+from .attention import SVDMultiheadAttention, plain_attention
 from .layers import SVDLayer, unwrap
 from .macs import profile, ships_factored
 
@@ -31,6 +32,10 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
                         `input_shape` (batch included: choose at the batch you deploy) with
                         the current torch thread count; the median of `reps` interleaved
                         runs decides. The result is specific to this CPU/GPU and batch.
+    An SVDMultiheadAttention becomes an nn.MultiheadAttention when all its projections ship
+    dense, else a torch.fx GraphModule of its projection layers and one call of
+    `svdtrain.attention.attend` (plain torch code; torch.export programs of the result do not
+    need svdtrain).
     example_inputs (a tensor or tuple passed to the model as is) replaces input_shape for
     models that take token ids, several inputs or another dtype.
 
@@ -58,7 +63,9 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
             replacements.append((name, built[id(module)]))
             continue
         rec = costs.get(id(module))
-        if choose == "latency" and rec is not None:
+        if module.weight_read:  # code reads its .weight: only the dense layer has one
+            new = module.dense_layer()
+        elif choose == "latency" and rec is not None:
             new = _fastest(name, module, rec.input_shape, round_to, reps, channels_last)
         else:
             dense, factored = (rec.dense, rec.macs("factored")) if rec is not None else module.macs()
@@ -69,8 +76,15 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
     for name, new in replacements:
         if not name:
             return new  # the model was a single SVD layer
-        parent_name, _, child = name.rpartition(".")
-        setattr(compact.get_submodule(parent_name) if parent_name else compact, child, new)
+        _set(compact, name, new)
+    # Attention layers last: their projections are ordinary layers by now.
+    attention = {}
+    for name, module in list(compact.named_modules(remove_duplicate=False)):
+        if isinstance(module, SVDMultiheadAttention):
+            attention.setdefault(id(module), plain_attention(module))
+            if not name:
+                return attention[id(module)]
+            _set(compact, name, attention[id(module)])
     if not trace:
         return compact
     try:
@@ -79,6 +93,11 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
         log.info("svdtrain: torch.fx could not trace the model (%s); export keeps its "
                  "module structure", str(err).splitlines()[0] if str(err) else type(err).__name__)
         return compact
+
+
+def _set(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
 def pad_rank(pair: nn.Sequential, rank: int) -> nn.Sequential:

@@ -89,10 +89,15 @@ class SVDLayer(nn.Module):
             return self.U, self.s, self.V
         return self.U[:, idx], self.s[idx], self.V[:, idx]
 
+    # Set once code outside the layer reads `.weight` (a tied head, a fused kernel's check):
+    # such a layer ships dense, since its export must still have a `.weight` to read.
+    weight_read = False
+
     @property
     def weight(self) -> torch.Tensor:
         """U diag(s) V^T in the original layer's weight shape, differentiable: code that reads
         `layer.weight` (TransformerEncoderLayer, a tied head) runs unchanged."""
+        self.weight_read = True
         return self.dense_weight()
 
     def dense_weight(self) -> torch.Tensor:

@@ -3,7 +3,7 @@
 All figures are MACs (one multiply + one add = 1); many tools print the same number as
 "FLOPs". Counted, per call: SVD layers, Linear (and subclasses), Conv1d/2d/3d (grouped too),
 ConvTranspose1d/2d/3d, MultiheadAttention (the four projections and the two attention
-products) and RNN/LSTM/GRU (every gate of every layer, direction and time step). Not counted:
+products; in SVD form the projections count as SVD layers, the products on their own) and RNN/LSTM/GRU (every gate of every layer, direction and time step). Not counted:
 normalisation, activations, pooling, embeddings (lookups, not MACs) and functional calls made
 outside modules (e.g. F.scaled_dot_product_attention in a custom block).
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import SVDMultiheadAttention
 from .layers import SVDLayer, SVDLinear, unwrap
 
 COSTS = ("deploy", "factored", "dense")
@@ -40,13 +41,13 @@ class LayerCost:
     input_shape: tuple = ()  # the shape of the layer's input in this pass
 
     def macs(self, cost: str = "deploy", rank: int | None = None) -> int:
-        if not isinstance(self.module, SVDLayer) or cost == "dense":
+        if not isinstance(self.module, SVDLayer) or cost == "dense" or (cost == "deploy" and self.module.weight_read):
             return self.dense
         factored = self.per_rank * (self.module.rank if rank is None else rank)
         return factored if cost == "factored" else deploy_cost(self.dense, factored)
 
 
-COUNTED = (SVDLayer, nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
+COUNTED = (SVDLayer, nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase, SVDMultiheadAttention)
 
 
 def _prod(xs) -> int:
@@ -56,14 +57,14 @@ def _prod(xs) -> int:
     return out
 
 
-def _attention_macs(m: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor) -> int:
+def _attention_macs(m: nn.Module, q: torch.Tensor, k: torch.Tensor, projections: bool = True) -> int:
     if q.dim() == 2:  # unbatched (L, E)
         n, tgt, src = 1, q.shape[0], k.shape[0]
     else:
         n, tgt, src = (q.shape[0], q.shape[1], k.shape[1]) if m.batch_first else (q.shape[1], q.shape[0], k.shape[0])
     e = m.embed_dim
-    projections = tgt * e * e + src * m.kdim * e + src * m.vdim * e + tgt * e * e  # q, k, v, out
-    return n * (projections + 2 * tgt * src * e)  # + scores (q k^T) and weights @ v
+    proj = tgt * e * e + src * m.kdim * e + src * m.vdim * e + tgt * e * e if projections else 0  # q, k, v, out
+    return n * (proj + 2 * tgt * src * e)  # + scores (q k^T) and weights @ v
 
 
 def _rnn_macs(m: nn.RNNBase, x: torch.Tensor) -> int:
@@ -100,8 +101,9 @@ def _cost(name: str, module: nn.Module, inputs: tuple, output) -> LayerCost | No
         return LayerCost(name, module, output.numel() * per_out, input_shape=shape)
     if isinstance(module, nn.Linear):
         return LayerCost(name, module, output.numel() * module.in_features, input_shape=shape)
-    if isinstance(module, nn.MultiheadAttention):
-        return LayerCost(name, module, _attention_macs(module, x, inputs[1]), input_shape=shape)
+    if isinstance(module, (nn.MultiheadAttention, SVDMultiheadAttention)):  # SVD form: products only
+        full = isinstance(module, nn.MultiheadAttention)
+        return LayerCost(name, module, _attention_macs(module, x, inputs[1], projections=full), input_shape=shape)
     if isinstance(module, nn.RNNBase):
         return LayerCost(name, module, _rnn_macs(module, x), input_shape=shape)
     return None
@@ -143,7 +145,8 @@ def profile(model: nn.Module, input_shape=None, example_inputs=None) -> list[Lay
             continue
         if isinstance(m, COUNTED):
             handles.append(m.register_forward_hook(hook(n)))
-            inside.append(n)
+            if not isinstance(m, SVDMultiheadAttention):  # its projections count on their own
+                inside.append(n)
     was_training = model.training
     try:
         model.eval()
@@ -178,6 +181,8 @@ def layer_params(layer: SVDLayer, cost: str = "deploy") -> int:
         return dense + bias
     if cost == "factored":
         return factored + bias
+    if layer.weight_read:
+        return dense + bias
     dense_macs, factored_macs = layer.macs()
     return (factored if ships_factored(dense_macs, factored_macs) else dense) + bias
 

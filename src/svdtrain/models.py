@@ -1,12 +1,15 @@
-"""Models: CIFAR ResNets (He et al. 2016), a small CNN for 8x8 digits, and torchvision passthrough.
+"""Models: CIFAR ResNets (He et al. 2016), a small CNN for 8x8 digits, a small ViT for 32x32
+images, and torchvision passthrough.
 
-Forwards use only modules, F.relu and `+` (no data-dependent control flow), so torch.fx and
-torch.export can trace them and layer-replacement code sees every conv as an nn.Conv2d.
+The CNN forwards use only modules, F.relu and `+` (no data-dependent control flow), so
+torch.fx and torch.export can trace them and layer-replacement code sees every conv as an
+nn.Conv2d. The ViT is built from nn.TransformerEncoderLayer, as users' transformers are.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODEL_NAMES = ["resnet20", "resnet32", "resnet56", "resnet110", "small_cnn"]
+MODEL_NAMES = ["resnet20", "resnet32", "resnet56", "resnet110", "small_cnn", "vit"]
 
 
 def _conv3x3(cin, cout, stride=1):
@@ -106,8 +109,32 @@ class SmallCNN(nn.Module):
         return self.fc(x)
 
 
+class ViT(nn.Module):
+    """Vision transformer for 32x32 images (Dosovitskiy et al. 2021): 4x4 patches (64 tokens)
+    + a class token, `depth` pre-norm nn.TransformerEncoderLayer blocks (nn.MultiheadAttention,
+    GELU MLP), a linear head on the class token."""
+
+    def __init__(self, num_classes=10, in_channels=3, image_size=32, patch=4, width=128, depth=6, heads=4,
+                 mlp_ratio=2, dropout=0.0):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(in_channels, width, patch, stride=patch)
+        tokens = (image_size // patch) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, mlp_ratio * width, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, tokens, width)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        return self.head(self.norm(self.encoder(x))[:, 0])
+
+
 _BUILDERS = {"resnet20": resnet20, "resnet32": resnet32, "resnet56": resnet56, "resnet110": resnet110,
-             "small_cnn": SmallCNN}
+             "small_cnn": SmallCNN, "vit": ViT}
 
 
 def build_model(name, num_classes, in_channels=3) -> nn.Module:

@@ -99,12 +99,12 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
     target = budget * dense_total
     svd: dict[int, LayerCost] = {}  # per layer, its costs summed over every call in the pass
     for r in records:
-        if isinstance(r.module, SVDLayer):
+        if isinstance(r.module, SVDLayer) and not r.module.weight_read:  # those ship dense: fixed cost
             total_cost = svd.setdefault(id(r.module), LayerCost(r.name, r.module, 0, 0))
             total_cost.dense += r.dense
             total_cost.per_rank += r.per_rank
     rank = {key: r.module.rank for key, r in svd.items()}
-    fixed = sum(r.macs() for r in records if not isinstance(r.module, SVDLayer))
+    fixed = sum(r.macs() for r in records if id(r.module) not in svd)
 
     def total() -> int:
         return fixed + sum(deploy_cost(r.dense, r.per_rank * rank[k]) for k, r in svd.items())
