@@ -87,6 +87,9 @@ def test_transformer_encoder_attention_in_svd_form_prunes_and_exports(batch_firs
         assert no_svdtrain_class(compact)
         assert torch.allclose(compact(x, src_key_padding_mask=pad), want, atol=1e-5)
         assert torch.allclose(roundtrip(compact)(x, src_key_padding_mask=pad), want, atol=1e-5)
+    # what ships is counted as the SVD form counted it, attention products included
+    for shipped in (compact, roundtrip(compact)):
+        assert svdtrain.count_macs(shipped, example_inputs=(x,)) == svdtrain.count_macs(svd, example_inputs=(x,))
     program = torch.export.export(compact, (x,), kwargs={"src_key_padding_mask": pad})
     assert torch.allclose(program.module()(x, src_key_padding_mask=pad), want, atol=1e-5)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import SVDMultiheadAttention
+from .attention import counts_products
 from .layers import SVDLayer, SVDLinear, unwrap
 
 COSTS = ("deploy", "factored", "dense")
@@ -47,7 +47,7 @@ class LayerCost:
         return factored if cost == "factored" else deploy_cost(self.dense, factored)
 
 
-COUNTED = (SVDLayer, nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase, SVDMultiheadAttention)
+COUNTED = (SVDLayer, nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
 
 
 def _prod(xs) -> int:
@@ -101,7 +101,7 @@ def _cost(name: str, module: nn.Module, inputs: tuple, output) -> LayerCost | No
         return LayerCost(name, module, output.numel() * per_out, input_shape=shape)
     if isinstance(module, nn.Linear):
         return LayerCost(name, module, output.numel() * module.in_features, input_shape=shape)
-    if isinstance(module, (nn.MultiheadAttention, SVDMultiheadAttention)):  # SVD form: products only
+    if isinstance(module, nn.MultiheadAttention) or counts_products(module):  # separate projections: products only
         full = isinstance(module, nn.MultiheadAttention)
         return LayerCost(name, module, _attention_macs(module, x, inputs[1], projections=full), input_shape=shape)
     if isinstance(module, nn.RNNBase):
@@ -143,10 +143,11 @@ def profile(model: nn.Module, input_shape=None, example_inputs=None) -> list[Lay
     for n, m in model.named_modules():
         if any(n.startswith(p + ".") for p in inside):
             continue
-        if isinstance(m, COUNTED):
+        if counts_products(m):  # its projections count on their own
             handles.append(m.register_forward_hook(hook(n)))
-            if not isinstance(m, SVDMultiheadAttention):  # its projections count on their own
-                inside.append(n)
+        elif isinstance(m, COUNTED):
+            handles.append(m.register_forward_hook(hook(n)))
+            inside.append(n)
     was_training = model.training
     try:
         model.eval()

@@ -3,6 +3,8 @@ budget-driven when asked), prune, fine-tune, export and report. `Run` (train.py)
 run directory, the checkpoint and the order of the stages."""
 from __future__ import annotations
 
+import copy
+
 import json
 import logging
 import os
@@ -189,7 +191,7 @@ class Stages:
         ex = self.cfg["export"]
         # Timed (choose=latency) on the run's own device, then moved to the CPU to be saved.
         compact = export(model, input_shape=(ex["batch"],) + tuple(self.shape[1:]), choose=ex["choose"],
-                         channels_last=ex["channels_last"])
+                         channels_last=ex["channels_last"]) if self.is_svd else copy.deepcopy(model)
         compact = compact.to("cpu", memory_format=torch.contiguous_format).eval()
         # What ships: a latency export may keep a layer dense or pad its rank.
         info["macs"], info["params"] = count_macs(compact, self.shape), count_params(compact)
