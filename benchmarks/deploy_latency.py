@@ -1,6 +1,6 @@
 """Inference latency of the exported compact models against the dense model (CPU).
 
-Reads the points of compare_cifar10.py and times, against the dense model, with fixed
+Reads the seed's points of `compare.py --regime scratch` and times, against the dense model, with fixed
 threads (warm-up, then the median of repeated runs, all models interleaved within each
 repetition so drift hits all alike), at batch 1 and batch 128:
 
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import svdtrain
-from compare_cifar10 import load_points  # benchmarks/ is on sys.path when run as a script
+from compare import load_points  # benchmarks/ is on sys.path when run as a script
 from svdtrain.models import build_model
 
 HERE = Path(__file__).resolve().parent
@@ -59,10 +59,7 @@ def time_models(models: dict, batch: int, reps: int, warmup: int) -> dict:
 
 
 def label(point: dict) -> str:
-    """method, with the SVD-training strength and non-default init that tell runs apart."""
-    extra = [f"Hoyer {point['hoyer']:g}"] if "hoyer" in point else []
-    extra += [f"init {point['init']}"] if point.get("init", "random") != "random" else []
-    return point["method"] + (f" ({', '.join(extra)})" if extra else "")
+    return point["method"]
 
 
 def load_state(path: Path) -> dict:
@@ -75,7 +72,7 @@ def load_state(path: Path) -> dict:
 
 def svd_form(point: dict):
     """The point's trained SVD-form model, or None when the point is a plain model."""
-    run_dir = Path(point["compact"]).parent
+    run_dir = Path(point["run_dir"])
     if (run_dir / "model_state.pt").is_file():
         state = load_state(run_dir / "model_state.pt")
     elif (run_dir / "finetune.pt").is_file():
@@ -91,7 +88,8 @@ def svd_form(point: dict):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=str(HERE / "work" / "compare"))
+    p.add_argument("--work", default=str(HERE / "work" / "scratch"))
+    p.add_argument("--seed", type=int, default=0, help="whose points to time")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=30, help="repetitions at batch 1")
@@ -99,11 +97,14 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    points = load_points(Path(args.work))
-    dense = next((pt for pt in points if pt["method"] == "dense"), None)
-    if dense is None:
-        raise SystemExit(f"no dense point in {args.work}: run benchmarks/compare_cifar10.py first")
-    points = [pt for pt in points if pt["method"] != "dense" and Path(pt.get("compact", "")).is_file()]
+    dense_run = Path(args.work) / f"dense_s{args.seed}"
+    if not (dense_run / "compact.pt2").is_file():
+        raise SystemExit(f"no dense model in {dense_run}: run benchmarks/compare.py --regime scratch first")
+    dense = {"macs": json.loads((dense_run / "summary.json").read_text())["macs"], "compact": str(dense_run / "compact.pt2")}
+    points = [pt for pt in load_points(Path(args.work)) if pt["seed"] == args.seed
+              and (Path(pt["run_dir"]) / "compact.pt2").is_file()]
+    for pt in points:
+        pt["compact"] = str(Path(pt["run_dir"]) / "compact.pt2")
 
     # (name, export) -> plain model; name is method + Hoyer tag + level
     # MACs of the .pt2 exports are their points' (export "macs" builds exactly what
@@ -146,7 +147,7 @@ def main(argv=None):
             d = ("dense", "-", fmt)
             key = (name, export, fmt)
             variants.append({"method": pt["method"], "label": label(pt), "level": pt["level"],
-                             "hoyer": pt.get("hoyer"), "init": pt.get("init"),
+                             "seed": pt["seed"], "settings": pt.get("settings"),
                              "export": export.split("/")[0], "memory_format": fmt,
                              "macs": macs[name, export], "macs_ratio": macs["dense", "-"] / macs[name, export],
                              "latency_ratio_b1": b1[d] / b1[key], "latency_ratio_b128": b128[d] / b128[key],

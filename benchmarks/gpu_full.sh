@@ -3,8 +3,10 @@
 #   benchmarks/gpu_full.sh DATA_DIR [OUT_DIR] [key=value ...]   # needs cifar-10-batches-py/ in DATA_DIR;
 #                                                 overrides go to both runs (e.g. epochs.train=30 to fit a time slot)
 #   benchmarks/gpu_full.sh --smoke               # the same commands on CPU, tiny data, < 1 min
-#   benchmarks/gpu_full.sh compress DATA_DIR [OUT_DIR] [compress_pretrained.py options]
+#   benchmarks/gpu_full.sh compress DATA_DIR [OUT_DIR] [compare.py options]
 #                                                 # compress a trained model, every method, 3 seeds at 33%
+#   benchmarks/gpu_full.sh scratch DATA_DIR [OUT_DIR] [compare.py options]
+#                                                 # from scratch, every method, 3 levels x 3 seeds
 # Resumable: rerun the same command after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,18 +24,24 @@ if [ "${1:-}" = "--smoke" ]; then
   exit 0
 fi
 
-if [ "${1:-}" = "compress" ]; then
-  data=${2:?usage: gpu_full.sh compress DATA_DIR [OUT_DIR] [options]}
-  out=${3:-runs/gpu_compress}
+if [ "${1:-}" = "compress" ] || [ "${1:-}" = "scratch" ]; then
+  mode=$1
+  data=${2:?usage: gpu_full.sh compress|scratch DATA_DIR [OUT_DIR] [options]}
+  out=${3:-runs/gpu_$mode}
   shift 3 || shift $#
   mkdir -p "$out"
   nvidia-smi --query-gpu=name --format=csv,noheader > "$out/device.txt" || true
-  $PY benchmarks/compress_pretrained.py --device cuda --data-dir "$data" --work "$out/work" --out "$out" \
-    --dense-epochs 40 --compress-epochs 8 --finetune-epochs 4 --levels 33% --seeds 0 1 2 "$@"
+  if [ "$mode" = compress ]; then
+    $PY benchmarks/compare.py --regime pretrained --device cuda --data-dir "$data" --work "$out/work" --out "$out" \
+      --dense-epochs 40 --compress-epochs 8 --finetune-epochs 4 --levels 33% --seeds 0 1 2 "$@"
+  else
+    $PY benchmarks/compare.py --regime scratch --device cuda --data-dir "$data" --work "$out/work" --out "$out" \
+      --levels 50% 33% 25% --seeds 0 1 2 "$@"
+  fi
   exit 0
 fi
 
-data=${1:?usage: gpu_full.sh DATA_DIR [OUT_DIR] | compress DATA_DIR [OUT_DIR] | --smoke}
+data=${1:?usage: gpu_full.sh DATA_DIR [OUT_DIR] | compress|scratch DATA_DIR [OUT_DIR] | --smoke}
 out=${2:-runs/gpu_full}
 shift; shift || true
 mkdir -p "$out"

@@ -1,0 +1,364 @@
+"""SVD training against post-hoc SVD, filter pruning (Torch-Pruning's sparse-training path and
+one-shot L1) and TRP on CIFAR-10 ResNet-20, at equal budgets, per MACs level and seed.
+
+Two regimes (--regime):
+  pretrained  The regime most users are in: they own a trained model and want it smaller. One
+              dense model is trained once (--dense-epochs, seed 0); every method then gets the
+              same budget from it: E_c = --compress-epochs of compression-time training (cosine
+              from --lr) + E_f = --finetune-epochs of fine-tuning (cosine from --finetune-lr).
+              posthoc_svd and filter_pruning_l1, which have no compression-time training,
+              fine-tune E_c + E_f. Results: compress_pretrained.{json,md}.
+  scratch     Every method starts from a fresh init of its seed and gets E = --train-epochs
+              of training (configs/cifar10_resnet20.yaml's one-cycle schedule) + E_f of
+              fine-tuning; posthoc_svd and filter_pruning_l1 start from the seed's dense model
+              trained E epochs (their E). Results: compare_cifar10.{json,md,png}; points
+              of the earlier fixed-strength comparison stay there under "earlier".
+Methods (the same augmentation, batch, optimizer family in both regimes):
+  svd_training       decompose (svd init from the trained model; from scratch --svd-init),
+                     budget-driven training to the level (the sparsity strength steered, values
+                     masked along the schedule with --gradual), prune, fine-tune (orthogonality on)
+  posthoc_svd        decompose the dense model, prune to the level, fine-tune (orthogonality on)
+  filter_pruning     Torch-Pruning group-norm sparse training, prune to the level (L2 group
+                     magnitude), fine-tune E_f
+  filter_pruning_l1  one-shot global L1 filter pruning of the dense model, fine-tune
+  trp                TRP training, prune to the level, fine-tune E_f (orthogonality on, as every
+                     SVD-form model)
+A held-out validation split (--val-size of the training images) records val_accuracy for
+choosing hyper-parameters; the test set only reports. Every point is one JSON file under
+--work (skipped once done) and every training phase resumes from its checkpoint.
+
+    python benchmarks/compare.py --regime pretrained --levels 33% --seeds 0 1 2
+    python benchmarks/compare.py --regime scratch --levels 50% 33% 25% --seeds 0
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import svdtrain
+from svdtrain.config import load_config
+from svdtrain.engine import evaluate, fit
+from svdtrain.loader import BatchLoader
+from svdtrain.models import build_model
+from svdtrain.train import Run, run_dataset
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE.parent / "configs" / "cifar10_resnet20.yaml"
+DENSE_RUN = HERE / "results" / "pretrained_dense"  # the dense model the pretrained regime starts from
+LEVELS = {"50%": 0.50, "33%": 0.33, "25%": 0.25}
+METHODS = ("svd_training", "posthoc_svd", "filter_pruning", "filter_pruning_l1", "trp")
+RESULT = {"pretrained": "compress_pretrained", "scratch": "compare_cifar10"}
+SHAPE = (1, 3, 32, 32)
+
+
+def base(args, seed: int, *overrides: str) -> dict:
+    """The run config shared by every method (the scratch regime's training recipe)."""
+    return load_config(CONFIG, [f"val_size={args.val_size}", f"data_dir={args.data_dir}", f"threads={args.threads}",
+                                f"device={args.device}", f"seed={seed}", "epochs.orth=0", "regularizer.target_macs=0",
+                                f"epochs.finetune={args.finetune_epochs}", f"optim.finetune_lr={args.finetune_lr}",
+                                *overrides])
+
+
+def dense_dir(args, work: Path, seed: int) -> Path:
+    return work / "dense" if args.regime == "pretrained" else work / f"dense_s{seed}"
+
+
+def dense_config(args, seed: int) -> dict:
+    epochs = args.dense_epochs if args.regime == "pretrained" else args.train_epochs
+    return base(args, seed, "decompose.enabled=false", f"epochs.train={epochs}")
+
+
+def compress_config(args, seed: int, *overrides: str) -> dict:
+    """The compression-time recipe: pretrained, E_c epochs cosine from --lr; scratch, E epochs
+    of the config's one-cycle schedule."""
+    if args.regime == "pretrained":
+        return base(args, seed, f"epochs.train={args.compress_epochs}", f"optim.lr={args.lr}", "optim.schedule=cosine",
+                    "optim.warmup_fraction=0.0", *overrides)
+    return base(args, seed, f"epochs.train={args.train_epochs}", *overrides)
+
+
+def restore_dense(dense: Path, args) -> None:
+    """The committed dense model (results/pretrained_dense: its run checkpoint, metrics and
+    summary) seeds a fresh work directory when the dense settings asked for are its own, so
+    every machine compresses the same trained model; model_state.pt is rewritten from it."""
+    if (dense / "checkpoint.pt").exists() or not (DENSE_RUN / "checkpoint.pt").exists():
+        return
+    state = torch.load(DENSE_RUN / "checkpoint.pt", map_location="cpu", weights_only=True)
+    if (state["config"]["epochs"]["train"], state["config"].get("val_size")) != (args.dense_epochs, args.val_size):
+        return
+    dense.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
+        shutil.copyfile(DENSE_RUN / name, dense / name)
+    torch.save(state["model"], dense / "model_state.pt")
+
+
+def point_file(work: Path, method: str, level: str, seed: int) -> Path:
+    return work / "points" / f"{method}_{level.rstrip('%')}_s{seed}.json"
+
+
+def accuracies(model, data, cfg) -> dict:
+    """Test and validation accuracy of a model (any dense or SVD-form module)."""
+    out, device = {}, next(model.parameters()).device
+    for key, x, y in (("accuracy", data.x_test, data.y_test), ("val_accuracy", data.x_val, data.y_val)):
+        out[key] = evaluate(model, BatchLoader(x, y, 1000, train=False, mean=data.mean, std=data.std, device=device))
+    return out
+
+
+def example(model) -> torch.Tensor:
+    return torch.zeros(SHAPE, device=next(model.parameters()).device)
+
+
+def pipeline_point(out: Path, cfg: dict) -> dict:
+    s = Run(out, cfg, quiet=True).execute()
+    return {"macs": s["macs"], "accuracy": s["accuracy"], "val_accuracy": s.get("val_accuracy"),
+            "accuracy_trained": s["accuracy_trained"], "accuracy_before_finetune": s["accuracy_pruned"],
+            "params": s["params"], "budget_warning": s.get("budget_warning"), "seconds": s["train_seconds"]}
+
+
+def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Path | None) -> dict:
+    """The baselines that svdtrain's pipeline does not run, in the common fit() loop, from the
+    dense model at `start` (None: a fresh init of the config's seed)."""
+    from svdtrain.baselines import TRP, GroupSparsity, filter_prune
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg["seed"])
+    model = build_model("resnet20", 10)
+    if start is not None:
+        model.load_state_dict(torch.load(start, weights_only=True))
+    if cfg["device"] == "cuda":
+        model.cuda()
+    e_c, e_f = cfg["epochs"]["train"], cfg["epochs"]["finetune"]
+    t0, trained, reg = time.perf_counter(), None, None
+    if method == "filter_pruning_l1":
+        filter_prune(model, example(model), level)
+        if args.regime == "pretrained":
+            e_f += e_c  # no compression-time training: all of the budget fine-tunes
+    elif method == "filter_pruning":
+        sparsity = GroupSparsity(model, example(model), reg=args.group_reg)
+        fit(model, data, cfg, e_c, stage="train", quiet=True, checkpoint=out / "train.pt",
+            on_backward=lambda m: sparsity.regularize())
+        trained = accuracies(model, data, cfg)["accuracy"]
+        filter_prune(model, example(model), level, p=2)
+    else:  # trp
+        trp = TRP(model, every=args.trp_every, keep_energy=args.trp_energy, nuclear=args.trp_nuclear)
+        done = torch.load(out / "train.pt", weights_only=True)["epoch"] if (out / "train.pt").exists() else 0
+        steps = [done * (len(data.x_train) // cfg["batch_size"])]  # truncations on the same steps after resume
+
+        def after_step(m):
+            steps[0] += 1
+            trp.step(steps[0])
+        fit(model, data, cfg, e_c, stage="train", quiet=True, checkpoint=out / "train.pt",
+            on_backward=lambda m: trp.regularize(), on_step=after_step)
+        trained = accuracies(model, data, cfg)["accuracy"]
+        trp.to_svd_model(input_shape=SHAPE, macs_budget=level)
+        reg = svdtrain.Regularizer(orth=cfg["regularizer"]["orth"], sparsity=None)
+    before = accuracies(model, data, cfg)["accuracy"]
+    fit(model, data, cfg, e_f, stage="finetune", reg=reg, quiet=True, checkpoint=out / "finetune.pt")
+    model.eval()
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model_state.pt")
+    compact = svdtrain.export(model, input_shape=SHAPE) if any(svdtrain.svd_layers(model)) else model
+    svdtrain.export_program(compact.cpu(), torch.zeros((2,) + SHAPE[1:]), out / "compact.pt2")
+    return {"macs": svdtrain.count_macs(model, SHAPE), **accuracies(model, data, cfg),
+            "accuracy_trained": trained, "accuracy_before_finetune": before,
+            "params": svdtrain.count_params(model), "seconds": time.perf_counter() - t0}
+
+
+def run_point(args, work: Path, data, method: str, level: str, seed: int) -> None:
+    path = point_file(work, method, level, seed)
+    if path.exists():
+        return
+    dense_state = dense_dir(args, work, seed) / "model_state.pt"
+    budget = LEVELS[level]
+    out = work / f"{method}_{level.rstrip('%')}_s{seed}"
+    scratch = args.regime == "scratch"
+    settings = {}
+    if method == "svd_training":
+        settings = {"strength": args.strength, "target_at": args.target_at, "gradual": args.gradual,
+                    "schedule": args.svd_schedule, "init": args.svd_init if scratch else "svd"}
+        init = [f"decompose.init={args.svd_init}"] if scratch else ["decompose.init=svd",
+                                                                     f"decompose.dense_checkpoint={dense_state}"]
+        cfg = compress_config(args, seed, *init, f"regularizer.target_macs={budget}",
+                              f"regularizer.strength={args.strength}", f"regularizer.target_at={args.target_at}",
+                              f"prune.gradual={str(args.gradual).lower()}")
+        if args.svd_schedule == "one":  # the whole budget one train stage under one schedule (no restart)
+            cfg = load_config(None, [f"epochs.train={cfg['epochs']['train'] + cfg['epochs']['finetune']}",
+                                     "epochs.finetune=0"], base=cfg)
+        point = pipeline_point(out, cfg)
+    elif method == "posthoc_svd":
+        finetune = args.finetune_epochs + (0 if scratch else args.compress_epochs)
+        cfg = compress_config(args, seed, "decompose.init=svd", f"decompose.dense_checkpoint={dense_state}",
+                              "epochs.train=0", f"epochs.finetune={finetune}", f"prune.macs_budget={budget}")
+        point = pipeline_point(out, cfg)
+    else:
+        if method == "filter_pruning":
+            settings = {"group_reg": args.group_reg}
+        if method == "trp":
+            settings = {"every": args.trp_every, "energy": args.trp_energy, "nuclear": args.trp_nuclear}
+        from_dense = not scratch or method == "filter_pruning_l1"
+        point = loop_point(out, data, compress_config(args, seed), budget, method, args,
+                           dense_state if from_dense else None)
+    point.update(method=method, level=level, seed=seed, regime=args.regime, settings=settings, run_dir=str(out))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(point, indent=1) + "\n")
+    print(f"== {method} {level} seed {seed}: test {point['accuracy']:.2%} val {point['val_accuracy']:.2%} "
+          f"at {point['macs'] / 1e6:.2f}M MACs", flush=True)
+
+
+def load_points(work: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
+
+
+def dense_summaries(args, work: Path) -> list[dict]:
+    dirs = [work / "dense"] if args.regime == "pretrained" else sorted(work.glob("dense_s*"))
+    return [json.loads((d / "summary.json").read_text()) for d in dirs if (d / "summary.json").is_file()]
+
+
+def write_results(args, work: Path) -> None:
+    points, denses = load_points(work), dense_summaries(args, work)
+    if not points or not denses:  # never replace results by an empty table
+        raise SystemExit(f"no finished points under {work}; nothing written")
+    name = RESULT[args.regime]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mean = lambda xs: statistics.mean(xs)  # noqa: E731
+    dense = {"accuracy": mean(d["accuracy"] for d in denses), "macs": denses[0]["macs"], "n": len(denses),
+             "val_accuracy": mean(d.get("val_accuracy") or 0.0 for d in denses),
+             "epochs": args.dense_epochs if args.regime == "pretrained" else args.train_epochs,
+             "command": "python benchmarks/compare.py (its dense stage): svdtrain run configs/cifar10_resnet20.yaml "
+                        f"decompose.enabled=false epochs.train=<epochs> val_size={args.val_size} seed=<seed>"}
+    e_c = args.compress_epochs if args.regime == "pretrained" else args.train_epochs
+    result = {
+        "regime": args.regime,
+        "budget": {"model": "resnet20",
+                   "dataset": f"CIFAR-10 ({50000 - args.val_size} train / {args.val_size} validation / 10k test)",
+                   "compress_epochs": e_c, "finetune_epochs": args.finetune_epochs, "batch_size": 128,
+                   "optimizer": "SGD nesterov 0.9, wd 5e-4 (not on s)",
+                   "schedule": (f"cosine from {args.lr} (E_c)" if args.regime == "pretrained" else
+                                "one-cycle peak 0.2 (E)") + f", cosine from {args.finetune_lr} (E_f)",
+                   "augmentation": "pad-4 random crop + horizontal flip", "label_smoothing": 0.1},
+        "dense": dense,
+        "points": [{k: p.get(k) for k in ("method", "level", "seed", "macs", "accuracy", "val_accuracy",
+                                          "accuracy_trained", "accuracy_before_finetune", "params", "settings",
+                                          "budget_warning", "seconds")} for p in points],
+        "machine": (torch.cuda.get_device_name() if args.device == "cuda" else
+                    f"{platform.machine()}, {args.threads} CPU threads") + f", torch {torch.__version__}",
+        "date": datetime.date.today().isoformat(),
+        "commands": (work / "commands.txt").read_text().splitlines() if (work / "commands.txt").exists() else [],
+    }
+    previous = out / f"{name}.json"
+    if args.regime == "scratch" and previous.is_file():  # the fixed-strength comparison before this one
+        old = json.loads(previous.read_text())
+        earlier = old.get("earlier") if "regime" in old else {k: old.get(k) for k in ("budget", "dense", "points", "date")}
+        if earlier:
+            result["earlier"] = earlier
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = summary_table(points, dense, args)
+    (out / f"{name}.md").write_text("\n".join(table) + "\n")
+    if args.regime == "scratch":
+        plot(points, dense, out / f"{name}.png")
+    print("\n".join(table))
+
+
+def summary_table(points: list[dict], dense: dict, args) -> list[str]:
+    lines = [f"Dense ResNet-20 ({dense['epochs']} epochs, n={dense['n']}): test {100 * dense['accuracy']:.2f}%, "
+             f"{dense['macs'] / 1e6:.2f}M MACs. Regime: {args.regime}.", "",
+             "| level | method | n | test top-1 (mean ± std) | val top-1 | % of dense MACs | before fine-tune |",
+             "|---|---|---|---|---|---|---|"]
+    for level in LEVELS:
+        for method in METHODS:
+            ps = [p for p in points if p["level"] == level and p["method"] == method]
+            if not ps:
+                continue
+            acc = [100 * p["accuracy"] for p in ps]
+            std = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
+            before = statistics.mean(100 * p["accuracy_before_finetune"] for p in ps)
+            lines.append(f"| {level} | {method} | {len(ps)} | {statistics.mean(acc):.2f}{std} "
+                         f"| {statistics.mean(100 * p['val_accuracy'] for p in ps):.2f} "
+                         f"| {100 * statistics.mean(p['macs'] for p in ps) / dense['macs']:.1f}% | {before:.2f} |")
+    return lines
+
+
+def plot(points: list[dict], dense: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS:
+        by_level = [[p for p in points if p["method"] == method and p["level"] == lv] for lv in LEVELS]
+        by_level = [ps for ps in by_level if ps]
+        if not by_level:
+            continue
+        macs = [statistics.mean(p["macs"] for p in ps) / 1e6 for ps in by_level]
+        acc = [statistics.mean(100 * p["accuracy"] for p in ps) for ps in by_level]
+        err = [statistics.stdev(100 * p["accuracy"] for p in ps) if len(ps) > 1 else 0.0 for ps in by_level]
+        ax.errorbar(macs, acc, yerr=err, fmt="o-", capsize=3, label=method)
+    ax.scatter([dense["macs"] / 1e6], [100 * dense["accuracy"]], marker="*", s=150, c="k", label="dense", zorder=5)
+    ax.set_xlabel("whole-model MACs (M)")
+    ax.set_ylabel("CIFAR-10 top-1 (%), mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--regime", choices=tuple(RESULT), default="pretrained")
+    p.add_argument("--data-dir", default=str(Path.home() / ".cache" / "cifar10"))
+    p.add_argument("--work", default=None, help="run directories and point files (default: work/<regime>)")
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--levels", nargs="+", default=["33%"], choices=list(LEVELS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--val-size", type=int, default=5000)
+    p.add_argument("--dense-epochs", type=int, default=20, help="pretrained: the dense model's training")
+    p.add_argument("--compress-epochs", type=int, default=4, help="pretrained: E_c")
+    p.add_argument("--train-epochs", type=int, default=10, help="scratch: E")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="E_f")
+    p.add_argument("--lr", type=float, default=0.02, help="pretrained: peak lr of E_c (cosine)")
+    p.add_argument("--finetune-lr", type=float, default=0.02)
+    p.add_argument("--strength", type=float, default=0.005, help="SVD training: the sparsity strength to start from")
+    p.add_argument("--target-at", type=float, default=0.5, help="SVD training: where in its training the level is reached")
+    p.add_argument("--gradual", action=argparse.BooleanOptionalAction, default=True,
+                   help="SVD training: mask values along the schedule (prune.gradual)")
+    p.add_argument("--svd-schedule", choices=("split", "one"), default="split",
+                   help="SVD training: train + fine-tune (split), or both as one train stage under one schedule "
+                        "(one; --target-at is then a fraction of all of it)")
+    p.add_argument("--svd-init", choices=("dense_init", "random"), default="dense_init", help="scratch: SVD init")
+    p.add_argument("--group-reg", type=float, default=5e-4, help="filter_pruning: group-norm weight")
+    p.add_argument("--trp-every", type=int, default=20)
+    p.add_argument("--trp-energy", type=float, default=0.98)
+    p.add_argument("--trp-nuclear", type=float, default=3e-4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(args.work or HERE / "work" / args.regime)
+    work.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        with open(work / "commands.txt", "a") as f:
+            f.write(" ".join(["python benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]) + "\n")
+        if args.regime == "pretrained":
+            restore_dense(work / "dense", args)
+        data = None
+        for seed in args.seeds:
+            Run(dense_dir(args, work, seed), dense_config(args, seed), quiet=True).execute()
+            data = data or run_dataset(dense_config(args, 0))
+            for level in args.levels:
+                for method in args.methods:
+                    run_point(args, work, data, method, level, seed)
+    write_results(args, work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""benchmarks/compare.py end to end on tiny generated CIFAR data, in both regimes: every method
+runs, points resume, and the result files have the keys their readers rely on."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from svdtrain.data import write_fake_cifar
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
+METHODS = {"svd_training", "posthoc_svd", "filter_pruning", "filter_pruning_l1", "trp"}
+
+
+@pytest.mark.parametrize("regime", ["pretrained", "scratch"])
+def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
+    write_fake_cifar(tmp_path / "data", n_train=256, n_test=100)
+    out = tmp_path / "out"
+    args = [sys.executable, str(SCRIPT), "--regime", regime, "--data-dir", str(tmp_path / "data"),
+            "--work", str(tmp_path / "work"), "--out", str(out), "--dense-epochs", "1", "--compress-epochs", "1",
+            "--train-epochs", "1", "--finetune-epochs", "1", "--val-size", "64", "--threads", "1", "--levels", "50%"]
+    if regime == "scratch":  # the earlier comparison's file: its points move under "earlier"
+        out.mkdir()
+        (out / "compare_cifar10.json").write_text(json.dumps({"points": [{"method": "svd_training", "hoyer": 0.01}]}))
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    name = "compress_pretrained" if regime == "pretrained" else "compare_cifar10"
+    result = json.loads((out / f"{name}.json").read_text())
+    assert {"budget", "dense", "points"} <= set(result) and result["regime"] == regime
+    dense = result["dense"]
+    assert 0 <= dense["accuracy"] <= 1 and dense["macs"] > 0
+    assert {p["method"] for p in result["points"]} == METHODS
+    for p in result["points"]:
+        assert p["level"] == "50%" and p["seed"] == 0 and 0 <= p["accuracy"] <= 1
+        assert p["macs"] <= 0.5 * dense["macs"], p["method"]
+    if regime == "scratch":
+        assert result["earlier"]["points"] == [{"method": "svd_training", "hoyer": 0.01}]
+        assert (out / "compare_cifar10.png").is_file()
+        assert next(p for p in result["points"] if p["method"] == "svd_training")["settings"]["init"] == "dense_init"
+    # A rerun finds every point done and rebuilds the same table (and keeps "earlier").
+    before = (out / f"{name}.md").read_text()
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "==" not in res.stdout
+    assert (out / f"{name}.md").read_text() == before
+    if regime == "scratch":
+        assert json.loads((out / f"{name}.json").read_text())["earlier"]["points"][0]["hoyer"] == 0.01
