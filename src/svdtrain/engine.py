@@ -117,6 +117,28 @@ def _bf16_ok() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def train_epochs(model, loader, opt, sched, reg, cfg: dict, device, *, stage: str, epochs: int, start: int = 0,
+                 accuracies, save, world: int = 1, quiet: bool = False, on_backward=None, on_step=None,
+                 extra_stats=None, log=print) -> None:
+    """The epoch loop of every training phase (the pipeline's stages, `fit`): per epoch, one
+    `train_epoch` on the stage's own shuffle order, then accuracies() (test, validation), the
+    lr, seconds and extra_stats(), then save(epoch, stats) (the caller's checkpoint)."""
+    stage_seed = STAGES.index(stage) * 10_000  # each stage its own data order, the same on resume
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        loader.set_epoch(stage_seed + epoch)
+        stats = train_epoch(model, loader, opt, sched, reg, cfg, device, desc=f"{stage} {epoch + 1}/{epochs}",
+                            quiet=quiet, world=world, where=f"stage '{stage}', epoch {epoch + 1}",
+                            on_backward=on_backward, on_step=on_step)
+        stats.update(accuracies())
+        stats.update(stage=stage, epoch=epoch + 1, lr=opt.param_groups[0]["lr"],
+                     seconds=round(time.perf_counter() - t0, 3), **(extra_stats() if extra_stats else {}))
+        save(epoch + 1, stats)
+        if not quiet:
+            log(f"[{stage} {epoch + 1}/{epochs}] loss {stats['task_loss']:.3f} train {stats['train_accuracy']:.2%} "
+                f"test {stats['test_accuracy']:.2%} {stats['seconds']:.0f}s")
+
+
 def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpoint=None, quiet=False,
         on_backward=None, on_step=None, log=print) -> list[dict]:
     """Train any model for `epochs` with the run config's optimizer, schedule and augmentation
@@ -127,10 +149,11 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
     model.to(device)
     loader = BatchLoader(data.x_train, data.y_train, cfg["batch_size"], train=True, augment=cfg["augment"],
                          seed=cfg["seed"], mean=data.mean, std=data.std, device=device)
-    test = BatchLoader(data.x_test, data.y_test, cfg["eval_batch_size"], train=False,
-                       mean=data.mean, std=data.std, device=device)
-    val = None if getattr(data, "x_val", None) is None else BatchLoader(
-        data.x_val, data.y_val, cfg["eval_batch_size"], train=False, mean=data.mean, std=data.std, device=device)
+    evals = {"test_accuracy": BatchLoader(data.x_test, data.y_test, cfg["eval_batch_size"], train=False,
+                                          mean=data.mean, std=data.std, device=device)}
+    if getattr(data, "x_val", None) is not None:
+        evals["val_accuracy"] = BatchLoader(data.x_val, data.y_val, cfg["eval_batch_size"], train=False,
+                                            mean=data.mean, std=data.std, device=device)
     opt, sched = make_optimizer(model, cfg, stage, epochs * len(loader))
     state = {"epoch": 0, "metrics": []}
     ckpt = Path(checkpoint) if checkpoint else None
@@ -140,20 +163,14 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         set_rng_state(state["rng"])
-    for epoch in range(state["epoch"], epochs):
-        t0 = time.perf_counter()
-        loader.set_epoch(STAGES.index(stage) * 10_000 + epoch)
-        stats = train_epoch(model, loader, opt, sched, reg, cfg, device, desc=f"{stage} {epoch + 1}/{epochs}",
-                            quiet=quiet, on_backward=on_backward, on_step=on_step)
-        stats.update(stage=stage, epoch=epoch + 1, test_accuracy=evaluate(model, test),
-                     seconds=round(time.perf_counter() - t0, 3))
-        if val is not None:
-            stats["val_accuracy"] = evaluate(model, val)
+
+    def save(epoch, stats):
         state["metrics"].append(stats)
-        if not quiet:
-            log(f"[{stage} {epoch + 1}/{epochs}] loss {stats['task_loss']:.3f} test {stats['test_accuracy']:.2%}")
         if ckpt is not None:
-            state.update(epoch=epoch + 1, model=model.state_dict(), opt=opt.state_dict(),
-                         sched=sched.state_dict(), rng=rng_state())
+            state.update(epoch=epoch, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                         rng=rng_state())
             atomic_save(state, ckpt)
+    train_epochs(model, loader, opt, sched, reg, cfg, device, stage=stage, epochs=epochs, start=state["epoch"],
+                 accuracies=lambda: {k: evaluate(model, v) for k, v in evals.items()}, save=save, quiet=quiet,
+                 on_backward=on_backward, on_step=on_step, log=log)
     return state["metrics"]

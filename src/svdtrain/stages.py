@@ -8,7 +8,6 @@ import copy
 import json
 import logging
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -17,7 +16,7 @@ from torch import nn
 from .budget import BudgetController, budget_warning, macs_at_energy
 from .checkpoint import atomic_save, atomic_write_text, rng_state
 from .distributed import replica_spread, spread
-from .engine import STAGES, evaluate, make_optimizer, train_epoch
+from .engine import evaluate, make_optimizer, train_epochs
 from .export import export, export_program
 from .layers import svd_layers, unwrap
 from .losses import Regularizer
@@ -75,41 +74,37 @@ class Stages:
             self.state["step"] += 1
             if budget is not None:
                 budget.step()
-        stage_seed = STAGES.index(stage) * 10_000
-        for epoch in range(self.state["epoch"], epochs):
-            t0 = time.perf_counter()
-            self.train_loader.set_epoch(stage_seed + epoch)
-            stats = train_epoch(ddp, self.train_loader, opt, sched, reg, cfg, self.device,
-                                desc=f"{stage} {epoch + 1}/{epochs}", quiet=self.quiet or self.rank != 0,
-                                world=self.world, where=f"stage '{stage}', epoch {epoch + 1}",
-                                on_step=on_step)
+
+        def accuracies():
             if self.world > 1:
                 # BatchNorm statistics drift apart per rank after DDP's last broadcast: take
                 # rank 0's, so every rank evaluates (and rank 0 saves) the same model.
                 for buf in unwrap(self.model).buffers():
                     dist.broadcast(buf, src=0)
-            stats.update(self.accuracies())
+            return self.accuracies()
+
+        def extra_stats():
+            stats = self._rank_stats()
             if self.world > 1:
-                stats["world_size"] = self.world
-                stats["replica_spread"] = replica_spread(self.model)
-            stats.update(stage=stage, epoch=epoch + 1, lr=opt.param_groups[0]["lr"],
-                         seconds=round(time.perf_counter() - t0, 3), **self._rank_stats())
+                stats.update(world_size=self.world, replica_spread=replica_spread(self.model))
             if sparsity and self.is_svd:
                 stats["strength"] = reg.strength
             if budget is not None:
                 stats["macs_schedule"] = budget.schedule() * self.state["info"]["dense_macs"]
                 if self.world > 1:  # the controller reads only synced parameters: ranks must agree
                     stats["strength_spread"] = spread(reg.strength, self.device)
+            return stats
+
+        def save(epoch, stats):
             self.state["metrics"].append(stats)
-            self.state.update(epoch=epoch + 1, model=unwrap(self.model).state_dict(),
+            self.state.update(epoch=epoch, model=unwrap(self.model).state_dict(),
                               optimizer={"opt": opt.state_dict(), "sched": sched.state_dict(),
                                          "budget": budget.state_dict() if budget is not None else None},
                               rng=rng_state())
             self.save()
-            if not self.quiet and self.rank == 0:
-                self.log(f"[{stage} {epoch + 1}/{epochs}] loss {stats['task_loss']:.3f} "
-                         f"train {stats['train_accuracy']:.2%} test {stats['test_accuracy']:.2%} "
-                         f"{stats['seconds']:.0f}s")
+        train_epochs(ddp, self.train_loader, opt, sched, reg, cfg, self.device, stage=stage, epochs=epochs,
+                     start=self.state["epoch"], accuracies=accuracies, save=save, world=self.world,
+                     quiet=self.quiet or self.rank != 0, on_step=on_step, extra_stats=extra_stats, log=self.log)
 
     def accuracies(self) -> dict:
         """test_accuracy, and val_accuracy when the run holds out a validation split."""
