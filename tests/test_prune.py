@@ -169,3 +169,28 @@ def test_a_layer_called_twice_meets_a_macs_budget():
     assert svdtrain.count_macs(model, (1, 32), cost="dense") == dense
     svdtrain.prune(model, macs_budget=0.5, input_shape=(1, 32))
     assert svdtrain.count_macs(model, (1, 32)) <= 0.5 * dense
+
+
+def test_layer_plan_form_decides_forward_counts_budget_and_export():
+    torch.manual_seed(0)
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)))
+    first, second = model[0], model[2]
+    x = torch.randn(4, 16)
+    dense = svdtrain.count_macs(model, (1, 16))
+    # At full rank "auto" ships dense; a plan pinned to "factored" ships the pair at any rank.
+    second.forward_path = "factored"
+    assert svdtrain.count_macs(model, (1, 16)) == 16 * 16 + 16 * 32
+    compact = svdtrain.export(model, input_shape=(1, 16), trace=False)
+    assert isinstance(compact[0], nn.Linear) and isinstance(compact[2], nn.Sequential)
+    # Reading .weight pins "dense": budget pruning then counts that layer as fixed and cuts the other.
+    second.forward_path = "auto"
+    _ = first.weight
+    assert first.plan.form == "dense"
+    svdtrain.prune(model, macs_budget=0.7, input_shape=(1, 16))
+    assert first.rank == 16 and second.rank < 8
+    assert svdtrain.count_macs(model, (1, 16)) <= 0.7 * dense
+    with torch.no_grad():
+        want = model(x)
+        compact = svdtrain.export(model, input_shape=(1, 16), trace=False)
+        assert isinstance(compact[0], nn.Linear) and torch.allclose(compact(x), want, atol=1e-5)
+    assert svdtrain.count_macs(compact, (1, 16)) == svdtrain.count_macs(model, (1, 16))

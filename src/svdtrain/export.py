@@ -11,7 +11,7 @@ from torch import nn
 
 from .attention import SVDMultiheadAttention, plain_attention
 from .layers import SVDLayer, unwrap
-from .macs import profile, ships_factored
+from .macs import profile
 
 log = logging.getLogger("svdtrain")
 
@@ -20,8 +20,9 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
            round_to: int = 8, reps: int = 7, channels_last: bool = False, example_inputs=None) -> nn.Module:
     """A new model with the same outputs in which every SVD layer is ordinary layers.
 
-    Each SVD layer becomes its two factor layers at its rank (an nn.Sequential of two
-    Conv2d/Linear) or one dense Conv2d/Linear, whichever is cheaper:
+    Each SVD layer becomes what its plan says (`layer.plan.form`): "dense" one dense
+    Conv2d/Linear, "factored" its two factor layers at its rank (an nn.Sequential of two
+    Conv2d/Linear), "auto" whichever is cheaper:
       choose="macs"     fewer MACs. With `input_shape` the choice uses the real feature-map
                         sizes (it matters only for spatial mode); without, it assumes each
                         layer's input is its output times its stride.
@@ -63,13 +64,11 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
             replacements.append((name, built[id(module)]))
             continue
         rec = costs.get(id(module))
-        if module.weight_read:  # code reads its .weight: only the dense layer has one
-            new = module.dense_layer()
-        elif choose == "latency" and rec is not None:
+        if choose == "latency" and rec is not None and module.plan.form == "auto":
             new = _fastest(name, module, rec.input_shape, round_to, reps, channels_last)
-        else:
+        else:  # the plan: its form, or for "auto" the MACs rule
             dense, factored = (rec.dense, rec.macs("factored")) if rec is not None else module.macs()
-            new = module.factor_layers() if ships_factored(dense, factored) else module.dense_layer()
+            new = module.factor_layers() if module.ships_factored(dense, factored) else module.dense_layer()
         new.train(module.training)
         built[id(module)] = new.to(module.U.device, module.U.dtype)
         replacements.append((name, built[id(module)]))

@@ -6,12 +6,16 @@ view of the dense weight (see `SVDConv2d` for the two conv views), plus a boolea
 not deleted, so parameter shapes never change: a user's optimizer stays valid and a
 state_dict loads into a freshly decomposed model (the mask carries the ranks).
 
-Forward runs one of two exact paths, chosen per call by cost:
+Each layer carries a `Plan`: its rank, the indices of its active values and its form. The
+forward, the MACs counts, budget pruning and export all read it. Forward runs one of two
+exact paths:
 - "dense": rebuild W from the factors (one small matmul) and run one dense op; cheapest
   while the rank is high (training at full rank costs about what dense training costs);
 - "factored": run the two factor layers at the active rank; cheapest once the rank is low.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +25,23 @@ from torch import nn
 # op's: two small convs carry overhead (an extra kernel launch, an intermediate tensor)
 # that the MAC count does not see.
 FACTORED_BELOW = 0.7
+
+FORMS = ("auto", "dense", "factored")
+
+
+@dataclass
+class Plan:
+    """What an SVD layer runs and ships. rank and idx (the active indices, None when all are
+    active) mirror the `active` mask as a Python int and a precomputed tensor, so the forward
+    never reads the mask (no host sync; compiles with fullgraph=True). form:
+      "auto"      ships as the factor pair where that costs fewer MACs than the dense layer
+                  (`macs.ships_factored`); trains on whichever path is faster (FACTORED_BELOW)
+      "dense"     trains and ships as one dense layer (set once code outside reads `.weight`:
+                  the exported layer must still have one)
+      "factored"  trains and ships as the factor pair at any rank."""
+    rank: int
+    idx: torch.Tensor | None = None
+    form: str = "auto"
 
 
 class SVDLayer(nn.Module):
@@ -52,19 +73,27 @@ class SVDLayer(nn.Module):
         self.s = nn.Parameter(s.contiguous())
         self.V = nn.Parameter(v.contiguous())
         self.register_buffer("active", torch.ones(r, dtype=torch.bool))
-        self.forward_path = "auto"  # "auto" | "dense" | "factored"
+        self.plan = Plan(r)
         self._refresh()
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._refresh())
 
     def _refresh(self) -> None:
-        """Read the mask once into the forward's plan: the rank as a Python int and the active
-        indices (None when all are active). The forward reads only these, so it never syncs
-        a GPU to the host and compiles with torch.compile(fullgraph=True). Kept current by
-        set_active (hence prune / set_ranks), load_state_dict and .to(); change masks only
-        through those."""
+        """Read the mask once into the plan. Kept current by set_active (hence prune /
+        set_ranks), load_state_dict and .to(); change masks only through those."""
         mask = self.active
-        self._rank = int(mask.sum())
-        self._idx = None if self._rank == mask.numel() else mask.nonzero().squeeze(1)
+        self.plan.rank = int(mask.sum())
+        self.plan.idx = None if self.plan.rank == mask.numel() else mask.nonzero().squeeze(1)
+
+    @property
+    def forward_path(self) -> str:
+        """The plan's form (kept under its earlier name): "auto", "dense" or "factored"."""
+        return self.plan.form
+
+    @forward_path.setter
+    def forward_path(self, form: str) -> None:
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        self.plan.form = form
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -80,24 +109,21 @@ class SVDLayer(nn.Module):
     @property
     def rank(self) -> int:
         """Number of singular values still active (not pruned)."""
-        return self._rank
+        return self.plan.rank
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, s, V) restricted to the active singular values; differentiable."""
-        idx = self._idx
+        idx = self.plan.idx
         if idx is None:
             return self.U, self.s, self.V
         return self.U[:, idx], self.s[idx], self.V[:, idx]
 
-    # Set once code outside the layer reads `.weight` (a tied head, a fused kernel's check):
-    # such a layer ships dense, since its export must still have a `.weight` to read.
-    weight_read = False
-
     @property
     def weight(self) -> torch.Tensor:
         """U diag(s) V^T in the original layer's weight shape, differentiable: code that reads
-        `layer.weight` (TransformerEncoderLayer, a tied head) runs unchanged."""
-        self.weight_read = True
+        `layer.weight` (TransformerEncoderLayer, a tied head) runs unchanged; the layer's
+        plan becomes "dense", since its export must still have a `.weight` to read."""
+        self.plan.form = "dense"
         return self.dense_weight()
 
     def dense_weight(self) -> torch.Tensor:
@@ -122,10 +148,16 @@ class SVDLayer(nn.Module):
         raise NotImplementedError
 
     def _use_factored(self, in_hw: tuple[int, int] | None) -> bool:
-        if self.forward_path != "auto":
-            return self.forward_path == "factored"
+        if self.plan.form != "auto":
+            return self.plan.form == "factored"
         dense, factored = self.macs(in_hw)
         return factored < FACTORED_BELOW * dense
+
+    def ships_factored(self, dense: int, factored: int) -> bool:
+        """Whether this layer deploys as its factor pair, given its dense and factored MACs:
+        the plan's form, or for "auto" the one deploy rule (`macs.ships_factored`)."""
+        from .macs import ships_factored
+        return self.plan.form == "factored" or (self.plan.form == "auto" and ships_factored(dense, factored))
 
     def _like(self) -> dict:
         """dtype and device of the factors: exported layers are made in them, never rounded."""
@@ -362,5 +394,5 @@ def svd_layers(model: nn.Module):
             yield name, module
 
 
-__all__ = ["SVDLayer", "SVDLinear", "SVDConv2d", "svd_layers", "unwrap", "weight_to_matrix", "matrix_to_weight",
+__all__ = ["Plan", "SVDLayer", "SVDLinear", "SVDConv2d", "svd_layers", "unwrap", "weight_to_matrix", "matrix_to_weight",
            "FACTORED_BELOW"]

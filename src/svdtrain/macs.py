@@ -21,14 +21,10 @@ COSTS = ("deploy", "factored", "dense")
 
 
 def ships_factored(dense: int, factored: int) -> bool:
-    """The one deploy rule (export, counts and pruning all use it): an SVD layer ships as its
-    factor pair where that costs fewer MACs than its dense form, else as one dense layer."""
+    """The one deploy rule of a layer whose plan is "auto" (export, counts and pruning all read
+    it through `SVDLayer.ships_factored`): it ships as its factor pair where that costs fewer
+    MACs than its dense form, else as one dense layer."""
     return factored < dense
-
-
-def deploy_cost(dense: int, factored: int) -> int:
-    """MACs of a layer as it ships under `ships_factored`."""
-    return factored if ships_factored(dense, factored) else dense
 
 
 @dataclass
@@ -41,10 +37,10 @@ class LayerCost:
     input_shape: tuple = ()  # the shape of the layer's input in this pass
 
     def macs(self, cost: str = "deploy", rank: int | None = None) -> int:
-        if not isinstance(self.module, SVDLayer) or cost == "dense" or (cost == "deploy" and self.module.weight_read):
+        if not isinstance(self.module, SVDLayer) or cost == "dense":
             return self.dense
         factored = self.per_rank * (self.module.rank if rank is None else rank)
-        return factored if cost == "factored" else deploy_cost(self.dense, factored)
+        return factored if cost == "factored" or self.module.ships_factored(self.dense, factored) else self.dense
 
 
 COUNTED = (SVDLayer, nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
@@ -182,10 +178,7 @@ def layer_params(layer: SVDLayer, cost: str = "deploy") -> int:
         return dense + bias
     if cost == "factored":
         return factored + bias
-    if layer.weight_read:
-        return dense + bias
-    dense_macs, factored_macs = layer.macs()
-    return (factored if ships_factored(dense_macs, factored_macs) else dense) + bias
+    return (factored if layer.ships_factored(*layer.macs()) else dense) + bias
 
 
 def count_params(model: nn.Module, cost: str = "deploy") -> int:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .layers import SVDLayer, svd_layers
-from .macs import LayerCost, deploy_cost, profile, ships_factored
+from .macs import LayerCost, profile
 
 
 def energy_rank(s: torch.Tensor, keep_energy: float) -> int:
@@ -99,17 +99,20 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
     target = budget * dense_total
     svd: dict[int, LayerCost] = {}  # per layer, its costs summed over every call in the pass
     for r in records:
-        if isinstance(r.module, SVDLayer) and not r.module.weight_read:  # those ship dense: fixed cost
+        if isinstance(r.module, SVDLayer) and r.module.plan.form != "dense":  # "dense" plans: fixed cost
             total_cost = svd.setdefault(id(r.module), LayerCost(r.name, r.module, 0, 0))
             total_cost.dense += r.dense
             total_cost.per_rank += r.per_rank
     rank = {key: r.module.rank for key, r in svd.items()}
     fixed = sum(r.macs() for r in records if id(r.module) not in svd)
 
-    def total() -> int:
-        return fixed + sum(deploy_cost(r.dense, r.per_rank * rank[k]) for k, r in svd.items())
+    def cost(r: LayerCost, k: int) -> int:  # as the layer ships at rank k
+        return r.per_rank * k if r.module.ships_factored(r.dense, r.per_rank * k) else r.dense
 
-    floor = fixed + sum(deploy_cost(r.dense, r.per_rank) for r in svd.values())
+    def total() -> int:
+        return fixed + sum(cost(r, rank[k]) for k, r in svd.items())
+
+    floor = fixed + sum(cost(r, 1) for r in svd.values())
     if floor > target:
         raise ValueError(f"macs_budget {budget:g} is below what rank 1 everywhere reaches "
                          f"({floor / dense_total:.3f} of dense MACs)")
@@ -127,7 +130,7 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
         r, k = svd[key], rank[key]
         if k <= 1 or r.per_rank <= 0:
             return None
-        if ships_factored(r.dense, r.per_rank * k):
+        if r.module.ships_factored(r.dense, r.per_rank * k):
             new = k - 1
             saved = r.per_rank
         else:
@@ -148,7 +151,7 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
     while current > target and heap:
         _, key, new = heapq.heappop(heap)
         r = svd[key]
-        current -= deploy_cost(r.dense, r.per_rank * rank[key]) - deploy_cost(r.dense, r.per_rank * new)
+        current -= cost(r, rank[key]) - cost(r, new)
         rank[key] = new
         move = next_move(key)
         if move is not None:
