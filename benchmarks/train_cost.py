@@ -7,6 +7,8 @@ Methods (same model, batch, optimizer; repetitions alternate so drift hits all a
   reference_two_conv  the reference code's path: two convolutions per layer at full rank
   trp                 TRP: dense steps + nuclear-norm subgradient, and every m steps an
                       SVD truncation of every weight (its cost averaged over m steps)
+  <method>+compile    dense or svd_training with the loss (forward + regularizer) under
+                      torch.compile (inductor; compile time falls in the warm-up steps)
 
     python benchmarks/train_cost.py --models resnet20 resnet56 --batch 128 --reps 20
 """
@@ -27,14 +29,17 @@ import svdtrain
 from svdtrain.models import build_model
 
 
-def make_step(model, extra_loss=None, after_backward=None, after_step=None):
+def make_step(model, extra_loss=None, after_backward=None, after_step=None, compile=False):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     count = [0]
 
-    def step(x, y):
+    def loss_of(x, y):
         loss = F.cross_entropy(model(x), y)
-        if extra_loss is not None:
-            loss = loss + extra_loss(model)
+        return loss + extra_loss(model) if extra_loss is not None else loss
+    loss_fn = torch.compile(loss_of) if compile else loss_of
+
+    def step(x, y):
+        loss = loss_fn(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if after_backward is not None:
@@ -53,15 +58,16 @@ def build_steps(name: str, methods: list[str], trp_every: int):
         model = build_model(name, num_classes=10)
         model.load_state_dict(base.state_dict())
         model.train()
-        if method == "dense":
-            steps[method] = make_step(model)
-        elif method in ("svd_training", "reference_two_conv"):
+        kind, compiled = method.removesuffix("+compile"), method.endswith("+compile")
+        if kind == "dense":
+            steps[method] = make_step(model, compile=compiled)
+        elif kind in ("svd_training", "reference_two_conv"):
             svdtrain.decompose(model, init="random")
-            if method == "reference_two_conv":
+            if kind == "reference_two_conv":
                 for _, layer in svdtrain.svd_layers(model):
                     layer.forward_path = "factored"
             reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.01)
-            steps[method] = make_step(model, reg)
+            steps[method] = make_step(model, reg, compile=compiled)
         elif method == "trp":
             from svdtrain.baselines import TRP
             trp = TRP(model, every=trp_every, keep_energy=0.98, nuclear=3e-4)

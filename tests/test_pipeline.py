@@ -296,3 +296,17 @@ def test_shipped_configs_load(name):
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
     cfg = load_config(path, ["decompose.dense_checkpoint=dense.pt"] if name.endswith("compress") else [])
     assert cfg["model"] and cfg["epochs"]["train"] > 0
+
+
+def test_compiled_training_matches_eager(finished, tiny):
+    # compile=aot_eager traces the training forward (no code generation: fast on CPU); the run
+    # must follow the eager one epoch for epoch up to float rounding.
+    root, cfg = tiny
+    out = root / "compiled"
+    cli("run", cfg, "--out", out, "--quiet", "compile=aot_eager")
+    eager = [json.loads(line) for line in (finished / "metrics.jsonl").read_text().splitlines()]
+    compiled = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["stage"] for m in compiled] == [m["stage"] for m in eager]
+    for e, c in zip(eager, compiled):
+        if "task_loss" in e:
+            assert c["task_loss"] == pytest.approx(e["task_loss"], rel=1e-3), e["stage"]

@@ -52,6 +52,10 @@ DEFAULTS: dict = {
     "device": "auto",             # auto | cpu | cuda
     "amp": True,                  # CUDA only: bfloat16 autocast
     "channels_last": True,        # CUDA only
+    # torch.compile the training forward with this backend ("" = eager). Measured on a 2-core
+    # CPU: inductor steps ~0.85x eager (benchmarks/README.md). Ranks that change recompile:
+    # with prune.gradual they change all along the ramp, so compile helps after it.
+    "compile": "",
 }
 
 CHOICES = {
@@ -63,13 +67,14 @@ CHOICES = {
     "optim.schedule": ("onecycle", "cosine", "step", "constant"),
     "device": ("auto", "cpu", "cuda"),
     "export.choose": ("macs", "latency"),
+    "compile": ("", "inductor", "aot_eager", "cudagraphs"),
 }
 
 # Which stage first uses a key: a finished stage's keys may not change on resume.
 _KEY_STAGE = {"export.": "export", "prune.gradual": "train", "prune.": "prune", "epochs.finetune": "finetune",
               "optim.finetune_lr": "finetune", "epochs.train": "train", "regularizer.sparsity": "train", "regularizer.strength": "train",
               "regularizer.target": "train"}
-_FREE = {"threads", "device", "amp", "channels_last", "eval_batch_size", "data_dir"}
+_FREE = {"threads", "device", "amp", "channels_last", "eval_batch_size", "data_dir", "compile"}
 
 
 class ConfigError(ValueError):

@@ -185,12 +185,14 @@ class Run(Stages):
             set_rng_state(self.state["rng"])
 
     def _ddp(self):
-        if self.world == 1:
-            return self.model
-        # Buffers (BatchNorm statistics, pruning masks) are synced from rank 0 after every
-        # epoch instead of on every forward.
-        return nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.cuda else None, broadcast_buffers=False)
+        """The module a training stage calls: the model, in DDP across ranks, compiled if asked."""
+        model = self.model
+        if self.world > 1:
+            # Buffers (BatchNorm statistics, pruning masks) are synced from rank 0 after every
+            # epoch instead of on every forward.
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.cuda else None, broadcast_buffers=False)
+        return torch.compile(model, backend=self.cfg["compile"]) if self.cfg["compile"] else model
 
     # ----- stages -----
     def require_before(self, stage: str) -> None:
