@@ -37,17 +37,6 @@ def test_controller_raises_strength_above_schedule_and_lowers_it_below():
     assert all(b <= a for a, b in zip(strengths, strengths[1:]))
 
 
-def test_gradual_controller_keeps_sparsity_on_while_masks_alone_follow_the_schedule():
-    # m falls exactly along the schedule (what masking a spectrum that training did not
-    # concentrate gives): the sparsity term must grow to empty the next cuts ahead of time,
-    # not read the masks' descent as its own progress and switch off.
-    line = [0.9 - 0.4 * min(1.0, t / 50) for t in range(60)]
-    ctrl, reg = _controller(line, mask=True)
-    ctrl._mask_to = lambda fraction: None  # the scripted signal stands for the masked model
-    strengths = [ctrl.step() for _ in range(40)]
-    assert strengths[-1] > 0.1 and all(b >= a for a, b in zip(strengths, strengths[1:]))
-
-
 def test_controller_schedule_reaches_target_and_holds():
     ctrl, _ = _controller([0.9] * 200)
     ctrl.step()
