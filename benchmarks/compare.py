@@ -73,8 +73,10 @@ def dense_dir(args, work: Path, seed: int) -> Path:
 
 
 def dense_config(args, seed: int) -> dict:
-    epochs = args.dense_epochs if args.regime == "pretrained" else args.train_epochs
-    return base(args, seed, "decompose.enabled=false", f"epochs.train={epochs}")
+    """The dense model's run: in the pretrained regime one model (seed 0) for every seed."""
+    if args.regime == "pretrained":
+        return base(args, 0, "decompose.enabled=false", f"epochs.train={args.dense_epochs}")
+    return base(args, seed, "decompose.enabled=false", f"epochs.train={args.train_epochs}")
 
 
 def compress_config(args, seed: int, *overrides: str) -> dict:

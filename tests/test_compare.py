@@ -51,3 +51,9 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
     assert (out / f"{name}.md").read_text() == before
     if regime == "scratch":
         assert json.loads((out / f"{name}.json").read_text())["earlier"]["points"][0]["hoyer"] == 0.01
+    else:  # another seed compresses the same dense model
+        res = subprocess.run(args + ["--seeds", "1", "--methods", "filter_pruning_l1"], capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        seeds = [p["seed"] for p in json.loads((out / f"{name}.json").read_text())["points"]]
+        assert sorted(seeds) == [0] * 5 + [1] and not list((tmp_path / "work").glob("dense_s*"))
