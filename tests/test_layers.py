@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import svdtrain
+from helpers import TinyResNet
 from svdtrain import SVDConv2d, SVDLinear
 
 CONVS = [
@@ -138,3 +139,16 @@ def test_transformer_encoder_runs_in_svd_form_and_reads_weight(batch_first):
     (out.square().mean() + svdtrain.orthogonality_loss(svd)).backward()
     lin = svd.layers[0].linear1
     assert lin.weight.shape == (32, 16) and lin.U.grad is not None and lin.s.grad is not None
+
+
+def test_random_scaled_init_matches_the_dense_weight_norm_not_its_values():
+    torch.manual_seed(0)
+    ref = TinyResNet()
+    norms = {n: m.weight.norm().item() for n, m in ref.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    model = svdtrain.decompose(copy.deepcopy(ref), init="random_scaled")
+    for name, layer in svdtrain.svd_layers(model):
+        w = layer.dense_weight()
+        assert w.norm().item() == pytest.approx(norms[name], rel=1e-4)
+        assert not torch.allclose(w, ref.get_submodule(name).weight, atol=1e-3)  # random directions
+    plain = svdtrain.decompose(copy.deepcopy(ref), init="random")  # the reference's spread: wider
+    assert plain.stem.dense_weight().norm() > 1.5 * norms["stem"]

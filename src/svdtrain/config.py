@@ -14,7 +14,8 @@ DEFAULTS: dict = {
     "decompose": {
         "enabled": True,          # false: plain dense training (a baseline)
         "mode": "channel",        # channel | spatial
-        "init": "random",         # from scratch: random (the reference's U, V Kaiming, s ~ |N(0,1)|) or
+        "init": "random",         # from scratch: random (the reference's U, V Kaiming, s ~ |N(0,1)|), random_scaled
+                                  # (the same, W scaled to the norm of the model's fresh dense init) or
                                   # dense_init (SVD of the model's own fresh dense init); svd: from dense_checkpoint
         "dense_checkpoint": "",   # state_dict file of the dense model, for init: svd
         "skip": [],               # qualified layer names left dense
@@ -61,7 +62,7 @@ DEFAULTS: dict = {
 CHOICES = {
     "dataset": ("cifar10", "cifar100", "digits", "folder"),
     "decompose.mode": ("channel", "spatial"),
-    "decompose.init": ("random", "dense_init", "svd"),
+    "decompose.init": ("random", "random_scaled", "dense_init", "svd"),
     "regularizer.sparsity": ("hoyer", "hoyer_square", "l1", "none"),
     "optim.name": ("sgd", "adam", "adamw"),
     "optim.schedule": ("onecycle", "cosine", "step", "constant"),

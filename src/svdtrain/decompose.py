@@ -32,7 +32,9 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
 
     mode: "channel" or "spatial" (spatial applies to convs with a kernel larger than 1x1).
     init: "svd" keeps the model's function exactly (SVD of the current weights);
-          "random" starts the factors afresh, for training from scratch.
+          "random" starts the factors afresh, for training from scratch (the reference's init);
+          "random_scaled" the same with s scaled so that each W has the norm of the layer's
+          current (freshly initialised) weight.
     skip: None, qualified module names, or a predicate (name, module) -> bool.
     Grouped/depthwise convs, convs with string padding, Conv1d/3d, transposed convs, Linear
     subclasses, attention with add_bias_kv or add_zero_attn, and RNNs stay dense: one log line says how many layers
@@ -42,8 +44,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     """
     if mode not in ("channel", "spatial"):
         raise ValueError(f"mode must be 'channel' or 'spatial', got {mode!r}")
-    if init not in ("svd", "random"):
-        raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    if init not in ("svd", "random", "random_scaled"):
+        raise ValueError(f"init must be 'svd', 'random' or 'random_scaled', got {init!r}")
     skipped = _skip_predicate(skip)
     root = unwrap(model)
     records = (profile(root, input_shape, example_inputs)

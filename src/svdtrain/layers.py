@@ -60,15 +60,21 @@ class SVDLayer(nn.Module):
             dtype = matrix.dtype if matrix.dtype in (torch.float64,) else torch.float32
             u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
             u, s, v = u.to(dtype), s.to(dtype), vh.mH.to(dtype)
-        elif init == "random":
+        elif init in ("random", "random_scaled"):
             # The reference code's scratch init: Kaiming-normal factors, normal s. s is
             # drawn as |N(0,1)| so U diag(s) V^T equals U diag(|s|) V^T from the start.
             u, v = torch.empty(rows, r), torch.empty(cols, r)
             nn.init.kaiming_normal_(u)
             nn.init.kaiming_normal_(v)
             s = torch.randn(r).abs()
+            if init == "random_scaled":
+                # Its W spreads about 2-9x wider than a dense init (Var(W) = 4/r): scale s so that
+                # ||U diag(s) V^T|| equals the norm of the layer's own fresh dense weight.
+                if matrix is None:
+                    raise ValueError("init='random_scaled' needs the dense weight (its scale)")
+                s = s * (matrix.detach().float().norm() / ((u * s) @ v.T).norm())
         else:
-            raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+            raise ValueError(f"init must be 'svd', 'random' or 'random_scaled', got {init!r}")
         self.U = nn.Parameter(u.contiguous())
         self.s = nn.Parameter(s.contiguous())
         self.V = nn.Parameter(v.contiguous())

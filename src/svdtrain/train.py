@@ -74,7 +74,7 @@ def build_run_model(cfg: dict, data, fresh: bool = True) -> nn.Module:
                                f"{str(err).splitlines()[0]}") from None
         # dense_init: the SVD of the freshly initialised dense weights, i.e. the dense model's
         # own starting point in SVD form (singular values spread like a Kaiming init's).
-        init = "svd" if d["init"] in ("svd", "dense_init") else "random"
+        init = "svd" if d["init"] in ("svd", "dense_init") else d["init"]
         decompose(model, mode=d["mode"], init=init if fresh else "random", skip=d["skip"] or None,
                   input_shape=input_shape(data) if fresh else None)
     return model
