@@ -7,6 +7,7 @@
     ranks = svdtrain.prune(model, keep_energy=0.999)
     compact = svdtrain.export(model)               # ordinary nn layers only
 """
+from .attention import SVDMultiheadAttention
 from .budget import BudgetController
 from .decompose import decompose
 from .export import export, export_program
@@ -18,7 +19,7 @@ from .prune import prune, ranks, set_ranks
 __version__ = "0.1.0"
 
 __all__ = [
-    "BudgetController", "decompose", "export", "export_program", "SVDConv2d", "SVDLayer", "SVDLinear", "svd_layers",
+    "BudgetController", "SVDMultiheadAttention", "decompose", "export", "export_program", "SVDConv2d", "SVDLayer", "SVDLinear", "svd_layers",
     "Regularizer", "orthogonality_loss", "sparsity_loss", "param_groups", "count_macs",
     "count_params", "prune", "ranks", "set_ranks", "__version__",
 ]
