@@ -29,13 +29,20 @@ FACTORED_BELOW = 0.7
 FORMS = ("auto", "dense", "factored")
 
 
+def ships_factored(dense: int, factored: int) -> bool:
+    """The one deploy rule of a layer whose plan is "auto" (export, counts and pruning all read
+    it through `SVDLayer.ships_factored`): it ships as its factor pair where that costs fewer
+    MACs than its dense form, else as one dense layer."""
+    return factored < dense
+
+
 @dataclass
 class Plan:
     """What an SVD layer runs and ships. rank and idx (the active indices, None when all are
     active) mirror the `active` mask as a Python int and a precomputed tensor, so the forward
     never reads the mask (no host sync; compiles with fullgraph=True). form:
       "auto"      ships as the factor pair where that costs fewer MACs than the dense layer
-                  (`macs.ships_factored`); trains on whichever path is faster (FACTORED_BELOW)
+                  (`ships_factored`); trains on whichever path is faster (FACTORED_BELOW)
       "dense"     trains and ships as one dense layer (set once code outside reads `.weight`:
                   the exported layer must still have one)
       "factored"  trains and ships as the factor pair at any rank."""
@@ -161,8 +168,7 @@ class SVDLayer(nn.Module):
 
     def ships_factored(self, dense: int, factored: int) -> bool:
         """Whether this layer deploys as its factor pair, given its dense and factored MACs:
-        the plan's form, or for "auto" the one deploy rule (`macs.ships_factored`)."""
-        from .macs import ships_factored
+        the plan's form, or for "auto" the one deploy rule (`ships_factored`)."""
         return self.plan.form == "factored" or (self.plan.form == "auto" and ships_factored(dense, factored))
 
     def _like(self) -> dict:

@@ -20,13 +20,6 @@ from .layers import SVDLayer, SVDLinear, unwrap
 COSTS = ("deploy", "factored", "dense")
 
 
-def ships_factored(dense: int, factored: int) -> bool:
-    """The one deploy rule of a layer whose plan is "auto" (export, counts and pruning all read
-    it through `SVDLayer.ships_factored`): it ships as its factor pair where that costs fewer
-    MACs than its dense form, else as one dense layer."""
-    return factored < dense
-
-
 @dataclass
 class LayerCost:
     """One counted layer of a forward pass (batch included)."""
