@@ -356,7 +356,8 @@ def main(argv=None):
         data = None
         for seed in args.seeds:
             Run(dense_dir(args, work, seed), dense_config(args, seed), quiet=True).execute()
-            data = data or run_dataset(dense_config(args, 0))
+            if data is None:  # one split for every seed
+                data = run_dataset(dense_config(args, 0))
             for level in args.levels:
                 for method in args.methods:
                     run_point(args, work, data, method, level, seed)
