@@ -2,15 +2,21 @@
 training at 50% and 33% of dense MACs, at equal budgets, with the CPU latency of every
 exported model against the dense one.
 
-Budget (epochs of the shared recipe: AdamW, cosine, batch 128, crop + flip):
-  dense         E epochs
-  posthoc_svd   the dense model, decomposed (svd init), pruned to the level, fine-tuned E_f
-  svd_training  from scratch (dense_init), budget-driven to the level with gradual pruning
-                over E epochs, prune, fine-tune E_f
-so both compressed models cost E + E_f epochs. Latency: each model exported with
-svdtrain.export(choose="latency") timed at batch 64 (the dense model as it is, PyTorch's
-fused attention path included), median of interleaved repetitions, at batch 64 and batch 1.
-Every run resumes from its checkpoint; finished points are kept.
+The dense model trains E epochs (the shared recipe: AdamW, cosine, batch 128, crop + flip).
+Regimes (--regime):
+  pretrained    both methods start from the trained dense model (decomposed at `svd` init) and
+                get the same E_c epochs, cosine from --lr without warm-up:
+                  posthoc_svd   prune to the level, fine-tune E_c
+                  svd_training  one budget-driven train stage of E_c epochs reaching the level at
+                                --target-at of it with gradual pruning, then prune (no restart)
+  scratch       posthoc_svd   the dense model, pruned to the level, fine-tuned E_f
+                svd_training  from scratch (dense_init), budget-driven to the level with gradual
+                              pruning over E epochs, prune, fine-tune E_f
+                so both compressed models cost E + E_f epochs.
+Latency: each model exported with svdtrain.export(choose="latency") timed at batch 64 (the
+dense model as it is, PyTorch's fused attention path included), median of interleaved
+repetitions, at batch 64 and batch 1. Every run resumes from its checkpoint; finished points
+are kept.
 
     python benchmarks/vit_cifar10.py --data-dir ~/.cache/cifar10
 """
@@ -63,8 +69,12 @@ def main(argv=None):
     p.add_argument("--work", default=str(HERE / "work" / "vit"))
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--levels", nargs="+", default=list(LEVELS), choices=list(LEVELS))
-    p.add_argument("--epochs", type=int, default=10, help="E: dense training / SVD training")
-    p.add_argument("--finetune-epochs", type=int, default=2, help="E_f")
+    p.add_argument("--regime", choices=("pretrained", "scratch"), default="pretrained")
+    p.add_argument("--epochs", type=int, default=10, help="E: dense training (scratch: and SVD training)")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="scratch: E_f")
+    p.add_argument("--compress-epochs", type=int, default=3, help="pretrained: E_c")
+    p.add_argument("--lr", type=float, default=2e-4, help="pretrained: peak lr of E_c (cosine)")
+    p.add_argument("--target-at", type=float, default=0.17, help="pretrained: svd_training reaches the level here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -78,13 +88,24 @@ def main(argv=None):
     points, names = [], []
     for level in args.levels:
         budget, tag = LEVELS[level], level.rstrip("%")
-        runs = {"posthoc_svd": config(args, "decompose.init=svd", f"decompose.dense_checkpoint={state}",
-                                      "epochs.train=0", f"prune.macs_budget={budget}", "regularizer.target_macs=0",
-                                      "prune.gradual=false"),
-                "svd_training": config(args, f"regularizer.target_macs={budget}")}
+        if args.regime == "pretrained":
+            start = ["decompose.init=svd", f"decompose.dense_checkpoint={state}", f"optim.lr={args.lr}",
+                     f"optim.finetune_lr={args.lr}", "optim.schedule=cosine", "optim.warmup_fraction=0.0"]
+            runs = {"posthoc_svd": config(args, *start, "epochs.train=0", f"epochs.finetune={args.compress_epochs}",
+                                          f"prune.macs_budget={budget}", "regularizer.target_macs=0",
+                                          "prune.gradual=false"),
+                    "svd_training": config(args, *start, f"epochs.train={args.compress_epochs}", "epochs.finetune=0",
+                                           f"regularizer.target_macs={budget}",
+                                           f"regularizer.target_at={args.target_at}")}
+        else:
+            runs = {"posthoc_svd": config(args, "decompose.init=svd", f"decompose.dense_checkpoint={state}",
+                                          "epochs.train=0", f"prune.macs_budget={budget}",
+                                          "regularizer.target_macs=0", "prune.gradual=false"),
+                    "svd_training": config(args, f"regularizer.target_macs={budget}")}
         for method, cfg in runs.items():
-            s = run(work / f"{method}_{tag}", cfg)
-            names.append(f"{method}_{tag}")
+            name = f"{method}_{tag}" if args.regime == "scratch" else f"pretrained_{method}_{tag}"
+            s = run(work / name, cfg)
+            names.append(name)
             points.append({"method": method, "level": level, "macs": s["macs"], "accuracy": s["accuracy"],
                            "accuracy_trained": s["accuracy_trained"], "accuracy_pruned": s["accuracy_pruned"],
                            "macs_ratio": dense["macs"] / s["macs"], "params": s["params"],

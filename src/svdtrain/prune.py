@@ -41,14 +41,16 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
         fraction of the layer's energy (the paper's rule; the reference's -e is 1 - keep_energy).
     macs_budget: instead, bring the whole model's deploy MACs to <= this fraction of its
         dense MACs (needs `input_shape`, or `example_inputs` for models that take token ids or
-        several inputs: a tensor or tuple passed to the model as is). Rule: every active value i of layer l is scored by
-        its share of the layer's energy, s_i^2 / sum_j s_j^2, divided by the MACs its removal
-        saves (one unit of rank of the factor pair); values are removed lowest score first
-        (never a layer's last one) until the budget holds. A layer whose factor pair costs
-        more than its dense form deploys dense (as `export` builds it), so there one removal
-        saves nothing: its move is the drop to the largest cheaper rank, scored by the energy
-        of all values it removes over the MACs it saves. Layers never taken below that
-        crossover keep all their values.
+        several inputs: a tensor or tuple passed to the model as is). Rule: a layer at rank k
+        loses the energy share of the values it drops (sum of s_i^2 / sum_j s_j^2 over them)
+        and costs its deploy MACs: the factor pair, or the dense layer where that is cheaper
+        (as `export` builds it). The total share lost is minimised under the budget over each
+        layer's lower convex hull of (MACs, share lost): hull segments are taken cheapest
+        first (least energy per MAC saved, never a layer's last value) until the budget holds,
+        then single values are given back, most energy per MAC first, while it still holds.
+        The hull lets a layer above its crossover (dense: one value saves nothing) go straight
+        to the rank where cutting pays, scored by the whole step; a layer never taken below
+        its crossover keeps all its values.
     Pruned values are masked and zeroed: they no longer affect output, losses or training.
     optimizer: an optimizer you keep training with; its per-parameter state (momentum, Adam's
         moments) is zeroed at the pruned entries, so pruned values stay exactly zero.
@@ -117,48 +119,69 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
         raise ValueError(f"macs_budget {budget:g} is below what rank 1 everywhere reaches "
                          f"({floor / dense_total:.3f} of dense MACs)")
     # Per layer: energy shares of its active values, smallest first (the removal order).
-    shares = {}
+    shares, full = {}, dict(rank)
     for key, r in svd.items():
         layer = r.module
         e = layer.s.detach().double()[layer.active].pow(2)
         shares[key] = (e / e.sum().clamp_min(1e-300)).sort().values.tolist()
+    hulls = {key: _hull(shares[key], lambda k, r=r: cost(r, k)) for key, r in svd.items()}
+    order = {key: i for i, key in enumerate(svd)}  # ties break by layer order, not by id()
 
-    def next_move(key):
-        """(score, new rank) of the layer's next removal, or None. Above the crossover the
-        layer deploys dense, so one value saves nothing: the move goes straight down to the
-        largest rank whose factor pair is cheaper, scored by all the energy it removes."""
-        r, k = svd[key], rank[key]
-        if k <= 1 or r.per_rank <= 0:
-            return None
-        if r.module.ships_factored(r.dense, r.per_rank * k):
-            new = k - 1
-            saved = r.per_rank
-        else:
-            new = (r.dense - 1) // r.per_rank
-            if new < 1:
-                return None  # even rank 1 costs more than the dense layer
-            saved = r.dense - r.per_rank * new
-        n = len(shares[key])
-        lost = sum(shares[key][n - k: n - new])  # the (k - new) smallest still kept
-        return lost / saved, new
+    def push(heap, key, i):  # the layer's next hull segment, scored by energy lost per MAC saved
+        hull = hulls[key]
+        if i + 1 < len(hull):
+            (_, c0, l0), (k1, c1, l1) = hull[i], hull[i + 1]
+            heapq.heappush(heap, ((l1 - l0) / (c0 - c1), order[key], key, i + 1))
 
     heap = []
     for key in svd:
-        move = next_move(key)
-        if move is not None:
-            heapq.heappush(heap, (move[0], key, move[1]))
+        push(heap, key, 0)
     current = total()
     while current > target and heap:
-        _, key, new = heapq.heappop(heap)
-        r = svd[key]
+        _, _, key, i = heapq.heappop(heap)
+        r, new = svd[key], hulls[key][i][0]
         current -= cost(r, rank[key]) - cost(r, new)
         rank[key] = new
-        move = next_move(key)
-        if move is not None:
-            heapq.heappush(heap, (move[0], key, move[1]))
+        push(heap, key, i)
+    # The last segment may overshoot the budget: give back the most energy per MAC that fits.
+    while True:
+        best = None
+        for key, r in svd.items():
+            k, top = rank[key], full[key]
+            if k >= top:
+                continue
+            back = k + 1 if r.module.ships_factored(r.dense, r.per_rank * (k + 1)) else top
+            added = cost(r, back) - cost(r, k)
+            gained = sum(shares[key][top - back: top - k])
+            if added <= target - current and (best is None or gained * best[0] > best[1] * added):
+                best = (added, gained, key, back)
+        if best is None:
+            break
+        current += best[0]
+        rank[best[2]] = best[3]
     for key, r in svd.items():
         _keep_top(r.module, rank[key])
     return ranks(model)
+
+
+def _hull(shares: list[float], cost) -> list[tuple[int, int, float]]:
+    """The ranks worth stopping at in one layer: the lower convex hull of (deploy MACs, energy
+    share lost) over k = K..1, as (k, cost(k), lost(k)) from k = K down, so that its segments
+    lose ever more energy per MAC saved. `shares`: the K active values' shares, ascending."""
+    top = len(shares)
+    hull, lost = [(top, cost(top), 0.0)], 0.0
+    for k in range(top - 1, 0, -1):
+        lost += shares[top - k - 1]
+        c = cost(k)
+        if c >= hull[-1][1]:
+            continue  # saves nothing over a rank that loses less (a layer above its crossover)
+        while len(hull) >= 2:
+            (_, c0, l0), (_, c1, l1) = hull[-2], hull[-1]
+            if (l1 - l0) * (c1 - c) < (lost - l1) * (c0 - c1):
+                break
+            hull.pop()  # hull[-1] lies on or above the line from hull[-2] to k
+        hull.append((k, c, lost))
+    return hull
 
 
 def ranks(model: nn.Module) -> dict[str, int]:
