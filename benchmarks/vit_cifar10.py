@@ -72,7 +72,7 @@ def main(argv=None):
     p.add_argument("--regime", choices=("pretrained", "scratch"), default="pretrained")
     p.add_argument("--epochs", type=int, default=10, help="E: dense training (scratch: and SVD training)")
     p.add_argument("--finetune-epochs", type=int, default=2, help="scratch: E_f")
-    p.add_argument("--compress-epochs", type=int, default=3, help="pretrained: E_c")
+    p.add_argument("--compress-epochs", type=int, default=2, help="pretrained: E_c")
     p.add_argument("--lr", type=float, default=2e-4, help="pretrained: peak lr of E_c (cosine)")
     p.add_argument("--target-at", type=float, default=0.17, help="pretrained: svd_training reaches the level here")
     p.add_argument("--seed", type=int, default=0)
