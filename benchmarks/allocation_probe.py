@@ -2,6 +2,8 @@
 after `prune(macs_budget=...)` (no fine-tuning) of a trained ResNet-20 (on its validation
 split) and ViT (on 5k training images: it has no split), for svdtrain's rule and, with
 --old-prune, for another prune.py (e.g. an earlier commit's, written out with `git show`).
+The ResNet-20 is the committed results/pretrained_dense; the ViT is the dense run of
+`vit_cifar10.py` (work/vit/dense: run that first).
 
     git show 86d0daf:src/svdtrain/prune.py > /tmp/prune_greedy.py
     python benchmarks/allocation_probe.py --old-prune /tmp/prune_greedy.py

@@ -88,19 +88,17 @@ def main(argv=None):
     points, names = [], []
     for level in args.levels:
         budget, tag = LEVELS[level], level.rstrip("%")
+        posthoc = ["decompose.init=svd", f"decompose.dense_checkpoint={state}", "epochs.train=0",
+                   f"prune.macs_budget={budget}", "regularizer.target_macs=0", "prune.gradual=false"]
         if args.regime == "pretrained":
             start = ["decompose.init=svd", f"decompose.dense_checkpoint={state}", f"optim.lr={args.lr}",
                      f"optim.finetune_lr={args.lr}", "optim.schedule=cosine", "optim.warmup_fraction=0.0"]
-            runs = {"posthoc_svd": config(args, *start, "epochs.train=0", f"epochs.finetune={args.compress_epochs}",
-                                          f"prune.macs_budget={budget}", "regularizer.target_macs=0",
-                                          "prune.gradual=false"),
+            runs = {"posthoc_svd": config(args, *start, *posthoc, f"epochs.finetune={args.compress_epochs}"),
                     "svd_training": config(args, *start, f"epochs.train={args.compress_epochs}", "epochs.finetune=0",
                                            f"regularizer.target_macs={budget}",
                                            f"regularizer.target_at={args.target_at}")}
         else:
-            runs = {"posthoc_svd": config(args, "decompose.init=svd", f"decompose.dense_checkpoint={state}",
-                                          "epochs.train=0", f"prune.macs_budget={budget}",
-                                          "regularizer.target_macs=0", "prune.gradual=false"),
+            runs = {"posthoc_svd": config(args, *posthoc),
                     "svd_training": config(args, f"regularizer.target_macs={budget}")}
         for method, cfg in runs.items():
             name = f"{method}_{tag}" if args.regime == "scratch" else f"pretrained_{method}_{tag}"

@@ -196,7 +196,6 @@ def test_layer_plan_form_decides_forward_counts_budget_and_export():
     assert svdtrain.count_macs(compact, (1, 16)) == svdtrain.count_macs(model, (1, 16))
 
 
-
 def _lost_share(spectra, ranks_):
     """Sum over layers of the energy share of the values a rank leaves out (independent of prune)."""
     total = 0.0

@@ -130,7 +130,7 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
     def push(heap, key, i):  # the layer's next hull segment, scored by energy lost per MAC saved
         hull = hulls[key]
         if i + 1 < len(hull):
-            (_, c0, l0), (k1, c1, l1) = hull[i], hull[i + 1]
+            (_, c0, l0), (_, c1, l1) = hull[i], hull[i + 1]
             heapq.heappush(heap, ((l1 - l0) / (c0 - c1), order[key], key, i + 1))
 
     heap = []
