@@ -24,8 +24,10 @@ Methods (the same augmentation, batch, optimizer family in both regimes):
   trp                TRP training, prune to the level, fine-tune E_f (orthogonality on, as every
                      SVD-form model)
 A held-out validation split (--val-size of the training images) records val_accuracy for
-choosing hyper-parameters; the test set only reports. Every point is one JSON file under
---work (skipped once done) and every training phase resumes from its checkpoint.
+choosing hyper-parameters; the test set only reports. Every finished point is one JSON file in
+<out>/<result>_points/ (committed with the results; a point there is skipped), every training
+phase resumes from its checkpoint under --work, and --report-only rebuilds the result files
+from the points record alone.
 
     python benchmarks/compare.py --regime pretrained --levels 33% --seeds 0 1 2
     python benchmarks/compare.py --regime scratch --levels 50% 33% 25% --seeds 0
@@ -103,8 +105,15 @@ def restore_dense(dense: Path, args) -> None:
     torch.save(state["model"], dense / "model_state.pt")
 
 
-def point_file(work: Path, method: str, level: str, seed: int) -> Path:
-    return work / "points" / f"{method}_{level.rstrip('%')}_s{seed}.json"
+def record_dir(args) -> Path:
+    """The comparison's committed record beside its result files: one JSON per finished point,
+    the dense models' summaries and the commands. Any machine resumes the seeds and levels
+    still missing from it, and --report-only rebuilds the result files from it alone."""
+    return Path(args.out) / f"{RESULT[args.regime]}_points"
+
+
+def point_file(args, method: str, level: str, seed: int) -> Path:
+    return record_dir(args) / f"{method}_{level.rstrip('%')}_s{seed}.json"
 
 
 def accuracies(model, data, cfg) -> dict:
@@ -174,7 +183,7 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Pat
 
 
 def run_point(args, work: Path, data, method: str, level: str, seed: int) -> None:
-    path = point_file(work, method, level, seed)
+    path = point_file(args, method, level, seed)
     if path.exists():
         return
     dense_state = dense_dir(args, work, seed) / "model_state.pt"
@@ -214,19 +223,27 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
           f"at {point['macs'] / 1e6:.2f}M MACs", flush=True)
 
 
-def load_points(work: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))]
+def load_points(args) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(record_dir(args).glob("*.json"))
+            if not p.name.startswith("dense")]
 
 
-def dense_summaries(args, work: Path) -> list[dict]:
-    dirs = [work / "dense"] if args.regime == "pretrained" else sorted(work.glob("dense_s*"))
-    return [json.loads((d / "summary.json").read_text()) for d in dirs if (d / "summary.json").is_file()]
+def record_dense(args, work: Path, seed: int) -> None:
+    """Keep the finished dense run's summary in the record (one dense model in the pretrained regime)."""
+    name = "dense.json" if args.regime == "pretrained" else f"dense_s{seed}.json"
+    summary = dense_dir(args, work, seed) / "summary.json"
+    if summary.is_file() and not (record_dir(args) / name).exists():
+        shutil.copyfile(summary, record_dir(args) / name)
 
 
-def write_results(args, work: Path) -> None:
-    points, denses = load_points(work), dense_summaries(args, work)
+def dense_summaries(args) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(record_dir(args).glob("dense*.json"))]
+
+
+def write_results(args) -> None:
+    points, denses = load_points(args), dense_summaries(args)
     if not points or not denses:  # never replace results by an empty table
-        raise SystemExit(f"no finished points under {work}; nothing written")
+        raise SystemExit(f"no finished points (and dense model) in {record_dir(args)}; nothing written")
     name = RESULT[args.regime]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -254,7 +271,7 @@ def write_results(args, work: Path) -> None:
         "machine": (torch.cuda.get_device_name() if args.device == "cuda" else
                     f"{platform.machine()}, {args.threads} CPU threads") + f", torch {torch.__version__}",
         "date": datetime.date.today().isoformat(),
-        "commands": (work / "commands.txt").read_text().splitlines() if (work / "commands.txt").exists() else [],
+        "commands": commands.read_text().splitlines() if (commands := record_dir(args) / "commands.txt").exists() else [],
     }
     previous = out / f"{name}.json"
     if args.regime == "scratch" and previous.is_file():  # the fixed-strength comparison before this one
@@ -317,8 +334,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--regime", choices=tuple(RESULT), default="pretrained")
     p.add_argument("--data-dir", default=str(Path.home() / ".cache" / "cifar10"))
-    p.add_argument("--work", default=None, help="run directories and point files (default: work/<regime>)")
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--work", default=None, help="run directories (default: work/<regime>)")
+    p.add_argument("--out", default=str(HERE / "results"),
+                   help="result files, and beside them the record of finished points (<result>_points/)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--levels", nargs="+", default=["33%"], choices=list(LEVELS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -349,20 +367,22 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     work = Path(args.work or HERE / "work" / args.regime)
     work.mkdir(parents=True, exist_ok=True)
+    record_dir(args).mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        with open(work / "commands.txt", "a") as f:
+        with open(record_dir(args) / "commands.txt", "a") as f:
             f.write(" ".join(["python benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]) + "\n")
         if args.regime == "pretrained":
             restore_dense(work / "dense", args)
         data = None
         for seed in args.seeds:
             Run(dense_dir(args, work, seed), dense_config(args, seed), quiet=True).execute()
+            record_dense(args, work, seed)
             if data is None:  # one split for every seed
                 data = run_dataset(dense_config(args, 0))
             for level in args.levels:
                 for method in args.methods:
                     run_point(args, work, data, method, level, seed)
-    write_results(args, work)
+    write_results(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """benchmarks/compare.py end to end on tiny generated CIFAR data, in both regimes: every method
 runs, points resume, and the result files have the keys their readers rely on."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,10 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
         assert res.returncode == 0, res.stderr[-3000:]
         seeds = [p["seed"] for p in json.loads((out / f"{name}.json").read_text())["points"]]
         assert sorted(seeds) == [0] * 5 + [1] and not list((tmp_path / "work").glob("dense_s*"))
+    # The points record beside the results rebuilds them alone, on a machine without the run directories.
+    shutil.rmtree(tmp_path / "work")
+    table = (out / f"{name}.md").read_text()
+    (out / f"{name}.md").unlink()
+    res = subprocess.run(args + ["--report-only"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / f"{name}.md").read_text() == table
