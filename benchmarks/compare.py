@@ -25,7 +25,8 @@ Methods (the same augmentation, batch, optimizer family in both regimes):
                      SVD-form model)
 A held-out validation split (--val-size of the training images) records val_accuracy for
 choosing hyper-parameters; the test set only reports. Every finished point is one JSON file in
-<out>/<result>_points/ (committed with the results; a point there is skipped), every training
+<out>/<result>_points/ (committed with the results; a point there is skipped, one of other
+settings refused), every training
 phase resumes from its checkpoint under --work, and --report-only rebuilds the result files
 from the points record alone.
 
@@ -182,18 +183,30 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Pat
             "params": svdtrain.count_params(model), "seconds": time.perf_counter() - t0}
 
 
+def method_settings(args, method: str) -> dict:
+    """The hyper-parameters of a method that a point records (and a rerun must match)."""
+    if method == "svd_training":
+        return {"strength": args.strength, "target_at": args.target_at, "gradual": args.gradual,
+                "schedule": args.svd_schedule, "init": args.svd_init if args.regime == "scratch" else "svd"}
+    if method == "filter_pruning":
+        return {"group_reg": args.group_reg}
+    if method == "trp":
+        return {"every": args.trp_every, "energy": args.trp_energy, "nuclear": args.trp_nuclear}
+    return {}
+
+
 def run_point(args, work: Path, data, method: str, level: str, seed: int) -> None:
     path = point_file(args, method, level, seed)
-    if path.exists():
+    settings = method_settings(args, method)
+    if path.exists():  # done; a point of other settings is never silently taken for this one
+        if json.loads(path.read_text()).get("settings", {}) != settings:
+            raise SystemExit(f"{path} was made with other {method} settings; use another --out")
         return
     dense_state = dense_dir(args, work, seed) / "model_state.pt"
     budget = LEVELS[level]
     out = work / f"{method}_{level.rstrip('%')}_s{seed}"
     scratch = args.regime == "scratch"
-    settings = {}
     if method == "svd_training":
-        settings = {"strength": args.strength, "target_at": args.target_at, "gradual": args.gradual,
-                    "schedule": args.svd_schedule, "init": args.svd_init if scratch else "svd"}
         init = [f"decompose.init={args.svd_init}"] if scratch else ["decompose.init=svd",
                                                                      f"decompose.dense_checkpoint={dense_state}"]
         cfg = compress_config(args, seed, *init, f"regularizer.target_macs={budget}",
@@ -209,10 +222,6 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
                               "epochs.train=0", f"epochs.finetune={finetune}", f"prune.macs_budget={budget}")
         point = pipeline_point(out, cfg)
     else:
-        if method == "filter_pruning":
-            settings = {"group_reg": args.group_reg}
-        if method == "trp":
-            settings = {"every": args.trp_every, "energy": args.trp_energy, "nuclear": args.trp_nuclear}
         from_dense = not scratch or method == "filter_pruning_l1"
         point = loop_point(out, data, compress_config(args, seed), budget, method, args,
                            dense_state if from_dense else None)

@@ -50,6 +50,10 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
     res = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "==" not in res.stdout
     assert (out / f"{name}.md").read_text() == before
+    # A point made with other settings is not taken for the one asked for.
+    res = subprocess.run(args + ["--methods", "filter_pruning", "--group-reg", "1e-3"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0 and "other filter_pruning settings" in res.stderr
     if regime == "scratch":
         assert json.loads((out / f"{name}.json").read_text())["earlier"]["points"][0]["hoyer"] == 0.01
     else:  # another seed compresses the same dense model
