@@ -26,9 +26,8 @@ Methods (the same augmentation, batch, optimizer family in both regimes):
 A held-out validation split (--val-size of the training images) records val_accuracy for
 choosing hyper-parameters; the test set only reports. Every finished point is one JSON file in
 <out>/<result>_points/ (committed with the results; a point there is skipped, one of other
-settings refused), every training
-phase resumes from its checkpoint under --work, and --report-only rebuilds the result files
-from the points record alone.
+settings refused), every training phase resumes from its checkpoint under --work, and
+--report-only rebuilds the result files from the points record alone.
 
     python benchmarks/compare.py --regime pretrained --levels 33% --seeds 0 1 2
     python benchmarks/compare.py --regime scratch --levels 50% 33% 25% --seeds 0
