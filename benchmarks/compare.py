@@ -53,6 +53,8 @@ from svdtrain.loader import BatchLoader
 from svdtrain.models import build_model
 from svdtrain.train import Run, run_dataset
 
+from compare_report import plot, summary_table  # benchmarks/ is on sys.path when run as a script
+
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "cifar10_resnet20.yaml"
 DENSE_RUN = HERE / "results" / "pretrained_dense"  # the dense model the pretrained regime starts from
@@ -194,6 +196,23 @@ def method_settings(args, method: str) -> dict:
     return {}
 
 
+def check_budget(args) -> None:
+    """Every point of a record shares one budget (epochs, learning rates, validation split): the
+    first run writes it to budget.json, and a run or report with another is refused, so that
+    points of different budgets never meet in one table."""
+    pretrained = args.regime == "pretrained"
+    budget = {"regime": args.regime, "val_size": args.val_size, "finetune_epochs": args.finetune_epochs,
+              "finetune_lr": args.finetune_lr,
+              **({"dense_epochs": args.dense_epochs, "compress_epochs": args.compress_epochs, "lr": args.lr}
+                 if pretrained else {"train_epochs": args.train_epochs})}
+    path = record_dir(args) / "budget.json"
+    if not path.exists():
+        path.write_text(json.dumps(budget, indent=1) + "\n")
+    elif (recorded := json.loads(path.read_text())) != budget:
+        diff = ", ".join(f"{k} {recorded.get(k)} (asked {v})" for k, v in budget.items() if recorded.get(k) != v)
+        raise SystemExit(f"{path}: the record was made with another budget: {diff}; use another --out")
+
+
 def run_point(args, work: Path, data, method: str, level: str, seed: int) -> None:
     path = point_file(args, method, level, seed)
     settings = method_settings(args, method)
@@ -233,7 +252,7 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
 
 def load_points(args) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(record_dir(args).glob("*.json"))
-            if not p.name.startswith("dense")]
+            if not p.name.startswith(("dense", "budget"))]
 
 
 def record_dense(args, work: Path, seed: int) -> None:
@@ -288,54 +307,11 @@ def write_results(args) -> None:
         if earlier:
             result["earlier"] = earlier
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = summary_table(points, dense, args)
+    table = summary_table(points, dense, args.regime, LEVELS, METHODS)
     (out / f"{name}.md").write_text("\n".join(table) + "\n")
     if args.regime == "scratch":
-        plot(points, dense, out / f"{name}.png")
+        plot(points, dense, out / f"{name}.png", LEVELS, METHODS)
     print("\n".join(table))
-
-
-def summary_table(points: list[dict], dense: dict, args) -> list[str]:
-    lines = [f"Dense ResNet-20 ({dense['epochs']} epochs, n={dense['n']}): test {100 * dense['accuracy']:.2f}%, "
-             f"{dense['macs'] / 1e6:.2f}M MACs. Regime: {args.regime}.", "",
-             "| level | method | n | test top-1 (mean ± std) | val top-1 | % of dense MACs | before fine-tune |",
-             "|---|---|---|---|---|---|---|"]
-    for level in LEVELS:
-        for method in METHODS:
-            ps = [p for p in points if p["level"] == level and p["method"] == method]
-            if not ps:
-                continue
-            acc = [100 * p["accuracy"] for p in ps]
-            std = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
-            before = statistics.mean(100 * p["accuracy_before_finetune"] for p in ps)
-            lines.append(f"| {level} | {method} | {len(ps)} | {statistics.mean(acc):.2f}{std} "
-                         f"| {statistics.mean(100 * p['val_accuracy'] for p in ps):.2f} "
-                         f"| {100 * statistics.mean(p['macs'] for p in ps) / dense['macs']:.1f}% | {before:.2f} |")
-    return lines
-
-
-def plot(points: list[dict], dense: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
-        by_level = [[p for p in points if p["method"] == method and p["level"] == lv] for lv in LEVELS]
-        by_level = [ps for ps in by_level if ps]
-        if not by_level:
-            continue
-        macs = [statistics.mean(p["macs"] for p in ps) / 1e6 for ps in by_level]
-        acc = [statistics.mean(100 * p["accuracy"] for p in ps) for ps in by_level]
-        err = [statistics.stdev(100 * p["accuracy"] for p in ps) if len(ps) > 1 else 0.0 for ps in by_level]
-        ax.errorbar(macs, acc, yerr=err, fmt="o-", capsize=3, label=method)
-    ax.scatter([dense["macs"] / 1e6], [100 * dense["accuracy"]], marker="*", s=150, c="k", label="dense", zorder=5)
-    ax.set_xlabel("whole-model MACs (M)")
-    ax.set_ylabel("CIFAR-10 top-1 (%), mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -376,6 +352,7 @@ def main(argv=None):
     work = Path(args.work or HERE / "work" / args.regime)
     work.mkdir(parents=True, exist_ok=True)
     record_dir(args).mkdir(parents=True, exist_ok=True)
+    check_budget(args)
     if not args.report_only:
         with open(record_dir(args) / "commands.txt", "a") as f:
             f.write(" ".join(["python benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])]) + "\n")

@@ -54,6 +54,10 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
     res = subprocess.run(args + ["--methods", "filter_pruning", "--group-reg", "1e-3"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode != 0 and "other filter_pruning settings" in res.stderr
+    # Nor does a point of another budget join the record (its table states one budget).
+    res = subprocess.run(args + ["--finetune-epochs", "2"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "another budget: finetune_epochs 1 (asked 2)" in res.stderr
+    assert "Traceback" not in res.stderr
     if regime == "scratch":
         assert json.loads((out / f"{name}.json").read_text())["earlier"]["points"][0]["hoyer"] == 0.01
     else:  # another seed compresses the same dense model

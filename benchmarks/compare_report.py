@@ -1,0 +1,50 @@
+"""The tables and the plot of benchmarks/compare.py's result files, from its points."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+
+def summary_table(points: list[dict], dense: dict, regime: str, levels, methods) -> list[str]:
+    """One row per level and method: mean ± std over seeds, n, validation, MACs, before fine-tuning."""
+    lines = [f"Dense ResNet-20 ({dense['epochs']} epochs, n={dense['n']}): test {100 * dense['accuracy']:.2f}%, "
+             f"{dense['macs'] / 1e6:.2f}M MACs. Regime: {regime}.", "",
+             "| level | method | n | test top-1 (mean ± std) | val top-1 | % of dense MACs | before fine-tune |",
+             "|---|---|---|---|---|---|---|"]
+    for level in levels:
+        for method in methods:
+            ps = [p for p in points if p["level"] == level and p["method"] == method]
+            if not ps:
+                continue
+            acc = [100 * p["accuracy"] for p in ps]
+            std = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
+            before = statistics.mean(100 * p["accuracy_before_finetune"] for p in ps)
+            lines.append(f"| {level} | {method} | {len(ps)} | {statistics.mean(acc):.2f}{std} "
+                         f"| {statistics.mean(100 * p['val_accuracy'] for p in ps):.2f} "
+                         f"| {100 * statistics.mean(p['macs'] for p in ps) / dense['macs']:.1f}% | {before:.2f} |")
+    return lines
+
+
+def plot(points: list[dict], dense: dict, path: Path, levels, methods) -> None:
+    """Accuracy against MACs per method (mean ± std over seeds), the dense model as a star."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in methods:
+        by_level = [[p for p in points if p["method"] == method and p["level"] == lv] for lv in levels]
+        by_level = [ps for ps in by_level if ps]
+        if not by_level:
+            continue
+        macs = [statistics.mean(p["macs"] for p in ps) / 1e6 for ps in by_level]
+        acc = [statistics.mean(100 * p["accuracy"] for p in ps) for ps in by_level]
+        err = [statistics.stdev(100 * p["accuracy"] for p in ps) if len(ps) > 1 else 0.0 for ps in by_level]
+        ax.errorbar(macs, acc, yerr=err, fmt="o-", capsize=3, label=method)
+    ax.scatter([dense["macs"] / 1e6], [100 * dense["accuracy"]], marker="*", s=150, c="k", label="dense", zorder=5)
+    ax.set_xlabel("whole-model MACs (M)")
+    ax.set_ylabel("CIFAR-10 top-1 (%), mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
