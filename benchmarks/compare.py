@@ -198,8 +198,8 @@ def method_settings(args, method: str) -> dict:
 
 def check_budget(args) -> None:
     """Every point of a record shares one budget (epochs, learning rates, validation split): the
-    first run writes it to budget.json, and a run or report with another is refused, so that
-    points of different budgets never meet in one table."""
+    first run writes it to budget.json (a report writes nothing), and a run or report with another
+    is refused, so that points of different budgets never meet in one table."""
     pretrained = args.regime == "pretrained"
     budget = {"regime": args.regime, "val_size": args.val_size, "finetune_epochs": args.finetune_epochs,
               "finetune_lr": args.finetune_lr,
@@ -207,7 +207,8 @@ def check_budget(args) -> None:
                  if pretrained else {"train_epochs": args.train_epochs})}
     path = record_dir(args) / "budget.json"
     if not path.exists():
-        path.write_text(json.dumps(budget, indent=1) + "\n")
+        if not args.report_only:
+            path.write_text(json.dumps(budget, indent=1) + "\n")
     elif (recorded := json.loads(path.read_text())) != budget:
         diff = ", ".join(f"{k} {recorded.get(k)} (asked {v})" for k, v in budget.items() if recorded.get(k) != v)
         raise SystemExit(f"{path}: the record was made with another budget: {diff}; use another --out")
