@@ -132,7 +132,10 @@ def example(model) -> torch.Tensor:
 
 def pipeline_point(out: Path, cfg: dict) -> dict:
     s = Run(out, cfg, quiet=True).execute()
-    return {"macs": s["macs"], "accuracy": s["accuracy"], "val_accuracy": s.get("val_accuracy"),
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    trained = [r["macs_at_threshold"] for r in rows if r.get("stage") == "train" and "macs_at_threshold" in r]
+    return {"macs_at_threshold_trained": trained[-1] / s["dense_macs"] if trained else None,  # before pruning
+            "macs": s["macs"], "accuracy": s["accuracy"], "val_accuracy": s.get("val_accuracy"),
             "accuracy_trained": s["accuracy_trained"], "accuracy_before_finetune": s["accuracy_pruned"],
             "params": s["params"], "budget_warning": s.get("budget_warning"), "seconds": s["train_seconds"]}
 
@@ -294,7 +297,8 @@ def write_results(args) -> None:
                    "rank_allocation": "prune(macs_budget): per-layer lower convex hull of (MACs, energy lost)"},
         "dense": dense,
         "points": [{k: p.get(k) for k in ("method", "level", "seed", "macs", "accuracy", "val_accuracy",
-                                          "accuracy_trained", "accuracy_before_finetune", "params", "settings",
+                                          "accuracy_trained", "accuracy_before_finetune", "macs_at_threshold_trained",
+                                          "params", "settings",
                                           "budget_warning", "seconds")} for p in points],
         "machine": (torch.cuda.get_device_name() if args.device == "cuda" else
                     f"{platform.machine()}, {args.threads} CPU threads") + f", torch {torch.__version__}",
@@ -360,9 +364,12 @@ def main(argv=None):
         if args.regime == "pretrained":
             restore_dense(work / "dense", args)
         data = None
+        # From scratch, only post-hoc SVD and L1 filter pruning start from the seed's dense model.
+        needs_dense = args.regime == "pretrained" or {"posthoc_svd", "filter_pruning_l1"} & set(args.methods)
         for seed in args.seeds:
-            Run(dense_dir(args, work, seed), dense_config(args, seed), quiet=True).execute()
-            record_dense(args, work, seed)
+            if needs_dense:
+                Run(dense_dir(args, work, seed), dense_config(args, seed), quiet=True).execute()
+                record_dense(args, work, seed)
             if data is None:  # one split for every seed
                 data = run_dataset(dense_config(args, 0))
             for level in args.levels:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 class BatchLoader:
     """Yields (normalized float images, labels) batches from in-memory uint8 tensors.
 
-    Shuffle order and augmentation come from a generator seeded with seed + epoch, so they are
+    Shuffle order and augmentation come from a generator seeded with (seed, epoch), so they are
     reproducible and identical on every rank; call set_epoch(epoch) before each epoch (as with
     DistributedSampler). Random crop pads with zeros in uint8 space (black pixels), as
     torchvision's RandomCrop(padding=4) does in the usual CIFAR pipeline.
@@ -57,7 +57,9 @@ class BatchLoader:
         n = len(self.x)
         if not self.train:
             return torch.arange(self.rank, n, self.world_size), None
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        # One stream per (seed, epoch): seed + epoch would make seed s at epoch e replay seed 0's
+        # epoch s + e, so runs of neighbouring seeds would see shifted copies of one order.
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         idx = torch.randperm(n, generator=g)
         total = math.ceil(n / self.world_size) * self.world_size
         if total > n:  # repeat from the start so every rank gets the same count (DistributedSampler)
