@@ -273,8 +273,15 @@ def dense_summaries(args) -> list[dict]:
 
 def write_results(args) -> None:
     points, denses = load_points(args), dense_summaries(args)
-    if not points or not denses:  # never replace results by an empty table
-        raise SystemExit(f"no finished points (and dense model) in {record_dir(args)}; nothing written")
+    if not points:  # never replace results by an empty table
+        raise SystemExit(f"no finished points in {record_dir(args)}; nothing written")
+    if not denses:  # the tables compare against the dense model
+        message = (f"{len(points)} points in {record_dir(args)}, but no dense model yet: result files not written "
+                   "(a run with --methods posthoc_svd or filter_pruning_l1 trains it)")
+        if args.report_only:
+            raise SystemExit(message)
+        print(message)
+        return
     name = RESULT[args.regime]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -73,3 +73,22 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
     res = subprocess.run(args + ["--report-only"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / f"{name}.md").read_text() == table
+
+
+def test_scratch_svd_training_alone_needs_no_dense_model(tmp_path):
+    """From scratch, SVD training starts from its own init: no dense model is trained for it, its
+    point records the MACs pruning would keep before the cut, and the report waits for the dense model."""
+    write_fake_cifar(tmp_path / "data", n_train=256, n_test=100)
+    out = tmp_path / "out"
+    args = [sys.executable, str(SCRIPT), "--regime", "scratch", "--data-dir", str(tmp_path / "data"),
+            "--work", str(tmp_path / "work"), "--out", str(out), "--train-epochs", "1", "--finetune-epochs", "1",
+            "--val-size", "64", "--threads", "1", "--levels", "33%", "--methods", "svd_training"]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (tmp_path / "work" / "dense_s0").exists() and "no dense model yet" in res.stdout
+    point = json.loads((out / "compare_cifar10_points" / "svd_training_33_s0.json").read_text())
+    assert 0 < point["macs_at_threshold_trained"] <= 1 and point["settings"]["init"] == "dense_init"
+    assert not (out / "compare_cifar10.json").exists()
+    res = subprocess.run(args + ["--report-only"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "no dense model yet" in res.stderr and "Traceback" not in res.stderr
+

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .decompose import Skip, _skip_predicate, decompose, eligible
-from .layers import matrix_to_weight, svd_layers, unwrap, weight_to_matrix
+from .layers import svd_layers, unwrap
+from .matrix_view import matrix_to_weight, weight_to_matrix
 from .macs import count_macs, profile
 from .prune import energy_rank, prune, ranks, set_ranks
 
