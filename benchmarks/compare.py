@@ -53,7 +53,7 @@ from svdtrain.loader import BatchLoader
 from svdtrain.models import build_model
 from svdtrain.train import Run, run_dataset
 
-from compare_report import plot, summary_table  # benchmarks/ is on sys.path when run as a script
+from compare_report import plot, stages_table, summary_table  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "cifar10_resnet20.yaml"
@@ -247,7 +247,8 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
         from_dense = not scratch or method == "filter_pruning_l1"
         point = loop_point(out, data, compress_config(args, seed), budget, method, args,
                            dense_state if from_dense else None)
-    point.update(method=method, level=level, seed=seed, regime=args.regime, settings=settings, run_dir=str(out))
+    point.update(method=method, level=level, seed=seed, regime=args.regime, settings=settings, run_dir=str(out),
+                 date=datetime.date.today().isoformat())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(point, indent=1) + "\n")
     print(f"== {method} {level} seed {seed}: test {point['accuracy']:.2%} val {point['val_accuracy']:.2%} "
@@ -271,6 +272,15 @@ def dense_summaries(args) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(record_dir(args).glob("dense*.json"))]
 
 
+def measured_on(points: list[dict], previous: Path) -> str:
+    """The day the newest point was measured (a report rebuilt later keeps it); points from
+    before points carried a date fall back to the date of the result file they made."""
+    dates = [p["date"] for p in points if p.get("date")]
+    if len(dates) < len(points) and previous.is_file():
+        dates.append(json.loads(previous.read_text()).get("date") or "")
+    return max(dates, default="") or datetime.date.today().isoformat()
+
+
 def write_results(args) -> None:
     points, denses = load_points(args), dense_summaries(args)
     if not points:  # never replace results by an empty table
@@ -292,6 +302,7 @@ def write_results(args) -> None:
              "command": "python benchmarks/compare.py (its dense stage): svdtrain run configs/cifar10_resnet20.yaml "
                         f"decompose.enabled=false epochs.train=<epochs> val_size={args.val_size} seed=<seed>"}
     e_c = args.compress_epochs if args.regime == "pretrained" else args.train_epochs
+    previous = out / f"{name}.json"
     result = {
         "regime": args.regime,
         "budget": {"model": "resnet20",
@@ -305,14 +316,13 @@ def write_results(args) -> None:
         "dense": dense,
         "points": [{k: p.get(k) for k in ("method", "level", "seed", "macs", "accuracy", "val_accuracy",
                                           "accuracy_trained", "accuracy_before_finetune", "macs_at_threshold_trained",
-                                          "params", "settings",
+                                          "params", "settings", "date",
                                           "budget_warning", "seconds")} for p in points],
         "machine": (torch.cuda.get_device_name() if args.device == "cuda" else
                     f"{platform.machine()}, {args.threads} CPU threads") + f", torch {torch.__version__}",
-        "date": datetime.date.today().isoformat(),
+        "date": measured_on(points, previous),
         "commands": commands.read_text().splitlines() if (commands := record_dir(args) / "commands.txt").exists() else [],
     }
-    previous = out / f"{name}.json"
     if args.regime == "scratch" and previous.is_file():  # the fixed-strength comparison before this one
         old = json.loads(previous.read_text())
         earlier = old.get("earlier") if "regime" in old else {k: old.get(k) for k in ("budget", "dense", "points", "date")}
@@ -320,6 +330,8 @@ def write_results(args) -> None:
             result["earlier"] = earlier
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = summary_table(points, dense, args.regime, LEVELS, METHODS)
+    if any(p["method"] == "svd_training" for p in points):
+        table += ["", "SVD training through its stages (test top-1, %):", "", *stages_table(points)]
     (out / f"{name}.md").write_text("\n".join(table) + "\n")
     if args.regime == "scratch":
         plot(points, dense, out / f"{name}.png", LEVELS, METHODS)

@@ -1,6 +1,8 @@
 """The tables and the plot of benchmarks/compare.py's result files, from its points."""
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 from pathlib import Path
 
@@ -22,6 +24,23 @@ def summary_table(points: list[dict], dense: dict, regime: str, levels, methods)
             lines.append(f"| {level} | {method} | {len(ps)} | {statistics.mean(acc):.2f}{std} "
                          f"| {statistics.mean(100 * p['val_accuracy'] for p in ps):.2f} "
                          f"| {100 * statistics.mean(p['macs'] for p in ps) / dense['macs']:.1f}% | {before:.2f} |")
+    return lines
+
+
+def stages_table(points: list[dict]) -> list[str]:
+    """Budget-driven SVD training through its stages, one row per point: the MACs pruning would
+    keep at keep_energy when training ends (against the level asked for), then test accuracy after
+    training, right after pruning and after fine-tuning, and the final validation accuracy."""
+    lines = ["| level | init | seed | MACs at keep_energy after training | after training | right after pruning "
+             "| final (test) | final (val) |", "|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        if p["method"] != "svd_training":
+            continue
+        at = p.get("macs_at_threshold_trained")
+        lines.append(f"| {p['level']} | {p['settings']['init']} | {p['seed']} | "
+                     f"{'-' if at is None else f'{100 * at:.1f}%'} | {100 * p['accuracy_trained']:.2f} "
+                     f"| {100 * p['accuracy_before_finetune']:.2f} | {100 * p['accuracy']:.2f} "
+                     f"| {100 * p['val_accuracy']:.2f} |")
     return lines
 
 
@@ -48,3 +67,17 @@ def plot(points: list[dict], dense: dict, path: Path, levels, methods) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Print the stages table of SVD-training points (JSON files or folders of them).")
+    p.add_argument("paths", nargs="+", type=Path)
+    args = p.parse_args(argv)
+    files = [f for path in args.paths for f in (sorted(path.glob("*.json")) if path.is_dir() else [path])]
+    points = [json.loads(f.read_text()) for f in files if not f.name.startswith(("dense", "budget"))]
+    print("\n".join(stages_table(points)))
+
+
+if __name__ == "__main__":
+    main()
+

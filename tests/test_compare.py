@@ -44,6 +44,7 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
     if regime == "scratch":
         assert result["earlier"]["points"] == [{"method": "svd_training", "hoyer": 0.01}]
         assert (out / "compare_cifar10.png").is_file()
+        assert "| 50% | dense_init | 0 |" in (out / "compare_cifar10.md").read_text()  # the stages table
         assert next(p for p in result["points"] if p["method"] == "svd_training")["settings"]["init"] == "dense_init"
     # A rerun finds every point done and rebuilds the same table (and keeps "earlier").
     before = (out / f"{name}.md").read_text()
