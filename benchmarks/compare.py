@@ -362,7 +362,7 @@ def main(argv=None):
     p.add_argument("--svd-schedule", choices=("split", "one"), default="split",
                    help="SVD training: train + fine-tune (split), or both as one train stage under one schedule "
                         "(one; --target-at is then a fraction of all of it)")
-    p.add_argument("--svd-init", choices=("dense_init", "random", "random_scaled"), default="dense_init",
+    p.add_argument("--svd-init", choices=("dense_init", "random", "random_scaled"), default="random_scaled",
                    help="scratch: SVD training's init (the init study compares them on the validation split)")
     p.add_argument("--group-reg", type=float, default=5e-4, help="filter_pruning: group-norm weight")
     p.add_argument("--trp-every", type=int, default=20)

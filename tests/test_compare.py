@@ -44,8 +44,8 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
     if regime == "scratch":
         assert result["earlier"]["points"] == [{"method": "svd_training", "hoyer": 0.01}]
         assert (out / "compare_cifar10.png").is_file()
-        assert "| 50% | dense_init | 0 |" in (out / "compare_cifar10.md").read_text()  # the stages table
-        assert next(p for p in result["points"] if p["method"] == "svd_training")["settings"]["init"] == "dense_init"
+        assert "| 50% | random_scaled | 0 |" in (out / "compare_cifar10.md").read_text()  # the stages table
+        assert next(p for p in result["points"] if p["method"] == "svd_training")["settings"]["init"] == "random_scaled"
     # A rerun finds every point done and rebuilds the same table (and keeps "earlier").
     before = (out / f"{name}.md").read_text()
     res = subprocess.run(args, capture_output=True, text=True, timeout=120)
@@ -88,7 +88,7 @@ def test_scratch_svd_training_alone_needs_no_dense_model(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert not (tmp_path / "work" / "dense_s0").exists() and "no dense model yet" in res.stdout
     point = json.loads((out / "compare_cifar10_points" / "svd_training_33_s0.json").read_text())
-    assert 0 < point["macs_at_threshold_trained"] <= 1 and point["settings"]["init"] == "dense_init"
+    assert 0 < point["macs_at_threshold_trained"] <= 1 and point["settings"]["init"] == "random_scaled"
     assert not (out / "compare_cifar10.json").exists()
     res = subprocess.run(args + ["--report-only"], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "no dense model yet" in res.stderr and "Traceback" not in res.stderr
