@@ -33,9 +33,9 @@ def stages_table(points: list[dict]) -> list[str]:
     training, right after pruning and after fine-tuning, and the final validation accuracy."""
     lines = ["| level | init | seed | MACs at keep_energy after training | after training | right after pruning "
              "| final (test) | final (val) |", "|---|---|---|---|---|---|---|---|"]
-    for p in points:
-        if p["method"] != "svd_training":
-            continue
+    ordered = sorted((p for p in points if p["method"] == "svd_training"),
+                     key=lambda p: (-float(p["level"].rstrip("%")), p["settings"]["init"], p["seed"]))
+    for p in ordered:
         at = p.get("macs_at_threshold_trained")
         lines.append(f"| {p['level']} | {p['settings']['init']} | {p['seed']} | "
                      f"{'-' if at is None else f'{100 * at:.1f}%'} | {100 * p['accuracy_trained']:.2f} "
