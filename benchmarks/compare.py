@@ -53,7 +53,7 @@ from svdtrain.loader import BatchLoader
 from svdtrain.models import build_model
 from svdtrain.train import Run, run_dataset
 
-from compare_report import plot, stages_table, summary_table  # benchmarks/ is on sys.path when run as a script
+from compare_report import plot, read_points, stages_table, summary_table  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "cifar10_resnet20.yaml"
@@ -256,8 +256,7 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
 
 
 def load_points(args) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(record_dir(args).glob("*.json"))
-            if not p.name.startswith(("dense", "budget"))]
+    return read_points(sorted(record_dir(args).glob("*.json")))
 
 
 def record_dense(args, work: Path, seed: int) -> None:

@@ -7,6 +7,11 @@ import statistics
 from pathlib import Path
 
 
+def read_points(files) -> list[dict]:
+    """The point JSON files of a record (its dense summaries and budget.json left out)."""
+    return [json.loads(f.read_text()) for f in files if not f.name.startswith(("dense", "budget"))]
+
+
 def summary_table(points: list[dict], dense: dict, regime: str, levels, methods) -> list[str]:
     """One row per level and method: mean ± std over seeds, n, validation, MACs, before fine-tuning."""
     lines = [f"Dense ResNet-20 ({dense['epochs']} epochs, n={dense['n']}): test {100 * dense['accuracy']:.2f}%, "
@@ -74,10 +79,8 @@ def main(argv=None):
     p.add_argument("paths", nargs="+", type=Path)
     args = p.parse_args(argv)
     files = [f for path in args.paths for f in (sorted(path.glob("*.json")) if path.is_dir() else [path])]
-    points = [json.loads(f.read_text()) for f in files if not f.name.startswith(("dense", "budget"))]
-    print("\n".join(stages_table(points)))
+    print("\n".join(stages_table(read_points(files))))
 
 
 if __name__ == "__main__":
     main()
-
