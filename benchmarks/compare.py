@@ -152,15 +152,15 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Pat
     if cfg["device"] == "cuda":
         model.cuda()
     e_c, e_f = cfg["epochs"]["train"], cfg["epochs"]["finetune"]
-    t0, trained, reg = time.perf_counter(), None, None
+    t0, trained, reg, rows = time.perf_counter(), None, None, []
     if method == "filter_pruning_l1":
         filter_prune(model, example(model), level)
         if args.regime == "pretrained":
             e_f += e_c  # no compression-time training: all of the budget fine-tunes
     elif method == "filter_pruning":
         sparsity = GroupSparsity(model, example(model), reg=args.group_reg)
-        fit(model, data, cfg, e_c, stage="train", quiet=True, checkpoint=out / "train.pt",
-            on_backward=lambda m: sparsity.regularize())
+        rows = fit(model, data, cfg, e_c, stage="train", quiet=True, checkpoint=out / "train.pt",
+                   on_backward=lambda m: sparsity.regularize())
         trained = accuracies(model, data, cfg)["accuracy"]
         filter_prune(model, example(model), level, p=2)
     else:  # trp
@@ -171,13 +171,14 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Pat
         def after_step(m):
             steps[0] += 1
             trp.step(steps[0])
-        fit(model, data, cfg, e_c, stage="train", quiet=True, checkpoint=out / "train.pt",
-            on_backward=lambda m: trp.regularize(), on_step=after_step)
+        rows = fit(model, data, cfg, e_c, stage="train", quiet=True, checkpoint=out / "train.pt",
+                   on_backward=lambda m: trp.regularize(), on_step=after_step)
         trained = accuracies(model, data, cfg)["accuracy"]
         trp.to_svd_model(input_shape=SHAPE, macs_budget=level)
         reg = svdtrain.Regularizer(orth=cfg["regularizer"]["orth"], sparsity=None)
     before = accuracies(model, data, cfg)["accuracy"]
-    fit(model, data, cfg, e_f, stage="finetune", reg=reg, quiet=True, checkpoint=out / "finetune.pt")
+    rows += fit(model, data, cfg, e_f, stage="finetune", reg=reg, quiet=True, checkpoint=out / "finetune.pt")
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # as a pipeline run keeps
     model.eval()
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model_state.pt")
     compact = svdtrain.export(model, input_shape=SHAPE) if any(svdtrain.svd_layers(model)) else model
