@@ -41,7 +41,8 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
     for p in result["points"]:
         assert p["level"] == "50%" and p["seed"] == 0 and 0 <= p["accuracy"] <= 1
         assert p["macs"] <= 0.5 * dense["macs"], p["method"]
-        rows = [json.loads(r) for r in (tmp_path / "work" / f"{p['method']}_50_s0" / "metrics.jsonl").read_text().splitlines()]
+        run = tmp_path / "work" / f"{p['method']}_50_s0"
+        rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
         stages = ["train", "finetune"]  # one epoch each
         if p["method"] in ("posthoc_svd", "filter_pruning_l1"):  # no training: from a trained model, 2 fine-tunes
             stages = ["finetune"] * (2 if regime == "pretrained" else 1)
