@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 import svdtrain
+from svdtrain.checkpoint import write_metrics
 from svdtrain.config import load_config
 from svdtrain.engine import evaluate, fit
 from svdtrain.loader import BatchLoader
@@ -178,7 +179,7 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Pat
         reg = svdtrain.Regularizer(orth=cfg["regularizer"]["orth"], sparsity=None)
     before = accuracies(model, data, cfg)["accuracy"]
     rows += fit(model, data, cfg, e_f, stage="finetune", reg=reg, quiet=True, checkpoint=out / "finetune.pt")
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # as a pipeline run keeps
+    write_metrics(out / "metrics.jsonl", rows)  # as a pipeline run keeps them
     model.eval()
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model_state.pt")
     compact = svdtrain.export(model, input_shape=SHAPE) if any(svdtrain.svd_layers(model)) else model

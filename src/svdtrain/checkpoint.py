@@ -1,6 +1,7 @@
 """Crash-safe files and RNG state: what lets a killed run resume to the identical result."""
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -39,3 +40,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """Per-epoch metrics as JSON lines (metrics.jsonl), written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

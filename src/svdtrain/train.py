@@ -14,7 +14,6 @@ Stages, in order:
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import config as config_mod
-from .checkpoint import atomic_save, atomic_write_text, set_rng_state
+from .checkpoint import atomic_save, set_rng_state, write_metrics
 from .data import load_dataset
 from .decompose import decompose
 from .distributed import setup_distributed
@@ -137,8 +136,7 @@ class Run(Stages):
             return
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_save(self.state, self.out / CHECKPOINT)
-        lines = "".join(json.dumps(m) + "\n" for m in self.state["metrics"])
-        atomic_write_text(self.out / "metrics.jsonl", lines)
+        write_metrics(self.out / "metrics.jsonl", self.state["metrics"])
 
     # ----- setup -----
     def _setup(self):
