@@ -365,7 +365,9 @@ def main(argv=None):
                         "(one; --target-at is then a fraction of all of it)")
     p.add_argument("--svd-init", choices=("dense_init", "random", "random_scaled"), default="random_scaled",
                    help="scratch: SVD training's init (the init study compares them on the validation split)")
-    p.add_argument("--group-reg", type=float, default=5e-4, help="filter_pruning: group-norm weight")
+    p.add_argument("--group-reg", type=float, default=None,
+                   help="filter_pruning: group-norm weight (default: from scratch 1e-4, chosen on validation; "
+                        "for a trained model 5e-4, Torch-Pruning's CIFAR default)")
     p.add_argument("--trp-every", type=int, default=20)
     p.add_argument("--trp-energy", type=float, default=0.98)
     p.add_argument("--trp-nuclear", type=float, default=3e-4)
@@ -373,6 +375,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
+    if args.group_reg is None:
+        args.group_reg = 1e-4 if args.regime == "scratch" else 5e-4
     torch.set_num_threads(args.threads)
     work = Path(args.work or HERE / "work" / args.regime)
     work.mkdir(parents=True, exist_ok=True)
