@@ -309,3 +309,23 @@ def test_compiled_training_matches_eager(finished, tiny):
     assert [m["stage"] for m in compiled] == ["orth", "prune"]  # the orth epoch: same start, same data order
     for key in ("task_loss", "train_accuracy", "orthogonality"):
         assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-3), key
+
+
+def test_dense_run_resumes_when_an_unread_decompose_setting_changed(finished):
+    from svdtrain.config import with_defaults
+    from svdtrain.engine import RunError
+    from svdtrain.train import Run
+    state = torch.load(finished / "checkpoint.pt", weights_only=True)
+    state["config"] = with_defaults(state["config"])
+    for enabled, refused in ((False, False), (True, True)):
+        old = json.loads(json.dumps(state["config"]))
+        old["decompose"].update(enabled=enabled, init="dense_init")
+        new = json.loads(json.dumps(old))
+        new["decompose"]["init"] = "random_scaled"
+        s = dict(state, config=old)
+        if refused:  # a decomposed run read decompose.init in its first stage
+            with pytest.raises(RunError, match="decompose.init"):
+                Run._merge_config(s, new)
+        else:
+            Run._merge_config(s, new)
+            assert s["config"]["decompose"]["init"] == "random_scaled"

@@ -200,6 +200,12 @@ def key_stage(key: str) -> str | None:
     return "orth"
 
 
+def read_by(key: str, cfg: dict) -> bool:
+    """Whether a run of `cfg` reads `key`: a dense run (decompose.enabled false) reads no other
+    decompose setting, so a changed default there (e.g. decompose.init) leaves it resumable."""
+    return not (key.startswith("decompose.") and key != "decompose.enabled" and not cfg["decompose"]["enabled"])
+
+
 def with_defaults(cfg: dict) -> dict:
     """`cfg` with the keys added to DEFAULTS since it was written filled in (old runs resume)."""
     def merge(dst: dict, src: dict) -> None:

@@ -125,7 +125,8 @@ class Run(Stages):
     def _merge_config(state, cfg):
         changed = config_mod.diff(state["config"], cfg)
         done = set(state["done"]) | ({state["stage"]} if state["epoch"] else set())
-        locked = [k for k in changed if config_mod.key_stage(k) in done]
+        locked = [k for k in changed if config_mod.key_stage(k) in done
+                  and (config_mod.read_by(k, state["config"]) or config_mod.read_by(k, cfg))]
         if locked:
             raise RunError(f"the run already passed the stage that uses {', '.join(locked)}; "
                            "these cannot change on resume (use a new --out)")
