@@ -1,4 +1,5 @@
 """The CLI pipeline end to end on tiny generated CIFAR-format data."""
+import copy
 import json
 import os
 import signal
@@ -11,7 +12,10 @@ import torch
 
 from helpers import TINY_CONFIG as TINY
 import svdtrain
+from svdtrain.config import with_defaults
 from svdtrain.data import write_fake_cifar
+from svdtrain.engine import RunError
+from svdtrain.train import Run
 
 OUTPUTS = ["checkpoint.pt", "metrics.jsonl", "summary.json", "compact.pt2", "model_state.pt", "ranks.json",
            "report.md", "stages.png", "spectra.png", "ranks.png"]
@@ -312,15 +316,12 @@ def test_compiled_training_matches_eager(finished, tiny):
 
 
 def test_dense_run_resumes_when_an_unread_decompose_setting_changed(finished):
-    from svdtrain.config import with_defaults
-    from svdtrain.engine import RunError
-    from svdtrain.train import Run
     state = torch.load(finished / "checkpoint.pt", weights_only=True)
     state["config"] = with_defaults(state["config"])
     for enabled, refused in ((False, False), (True, True)):
-        old = json.loads(json.dumps(state["config"]))
+        old = copy.deepcopy(state["config"])
         old["decompose"].update(enabled=enabled, init="dense_init")
-        new = json.loads(json.dumps(old))
+        new = copy.deepcopy(old)
         new["decompose"]["init"] = "random_scaled"
         s = dict(state, config=old)
         if refused:  # a decomposed run read decompose.init in its first stage
