@@ -1,7 +1,9 @@
 """How well does a MACs-budget rank allocation keep a trained model's function? Accuracy right
 after `prune(macs_budget=...)` (no fine-tuning) of a trained ResNet-20 (on its validation
-split) and ViT (on 5k training images: it has no split), for svdtrain's rule and, with
---old-prune, for another prune.py (e.g. an earlier commit's, written out with `git show`).
+split) and ViT (on 5k training images: it has no split), for svdtrain's rule by energy share
+("svdtrain") and by loss importance ("loss": `loss_importance` over --score-batches augmented
+training batches) and, with --old-prune, for another prune.py (e.g. an earlier commit's,
+written out with `git show`).
 The ResNet-20 is the committed results/pretrained_dense; the ViT is the dense run of
 `vit_cifar10.py` (work/vit/dense: run that first).
 
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import svdtrain
 from svdtrain.data import load_dataset
@@ -51,10 +54,11 @@ def main(argv=None):
     p.add_argument("--data-dir", default=str(Path.home() / ".cache" / "cifar10"))
     p.add_argument("--old-prune", default=None, help="a prune.py to compare with (its rule is named 'old')")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--score-batches", type=int, default=32, help="batches of 128 the loss rule scores on")
     p.add_argument("--out", default=str(HERE / "results" / "allocation_probe.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rules = {"svdtrain": svdtrain.prune}
+    rules = {"svdtrain": svdtrain.prune, "loss": None}
     if args.old_prune:
         rules["old"] = load_rule(args.old_prune)
     data = load_dataset("cifar10", args.data_dir)
@@ -67,10 +71,19 @@ def main(argv=None):
         x, y = held_out[name]
         loader = BatchLoader(x, y, 500, train=False, mean=data.mean, std=data.std)
         base = evaluate(dense.eval(), loader)
+        scored = svdtrain.decompose(copy.deepcopy(dense), init="svd")
+        train = BatchLoader(val.x_train if name == "resnet20" else data.x_train[5000:],
+                            val.y_train if name == "resnet20" else data.y_train[5000:], 128, train=True,
+                            mean=data.mean, std=data.std)
+        scores = svdtrain.loss_importance(scored, train, lambda out, t: F.cross_entropy(out, t, label_smoothing=0.1),
+                                          args.score_batches)
         for budget in (0.5, 0.33, 0.25):
             for rule, prune in rules.items():
                 model = svdtrain.decompose(copy.deepcopy(dense), init="svd").eval()
-                ranks = prune(model, macs_budget=budget, input_shape=(1, 3, 32, 32))
+                if rule == "loss":
+                    ranks = svdtrain.prune(model, macs_budget=budget, input_shape=(1, 3, 32, 32), scores=scores)
+                else:
+                    ranks = prune(model, macs_budget=budget, input_shape=(1, 3, 32, 32))
                 rows.append({"model": name, "budget": budget, "rule": rule, "dense_accuracy": base,
                              "accuracy": evaluate(model, loader), "macs": svdtrain.count_macs(model, (1, 3, 32, 32)),
                              "rank_1_layers": sum(k == 1 for k in ranks.values()), "ranks": ranks})

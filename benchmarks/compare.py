@@ -23,6 +23,8 @@ Methods (the same augmentation, batch, optimizer family in both regimes):
   filter_pruning_l1  one-shot global L1 filter pruning of the dense model, fine-tune
   trp                TRP training, prune to the level, fine-tune E_f (orthogonality on, as every
                      SVD-form model)
+--rank-score loss ranks singular values by loss importance instead of energy share wherever
+svd_training and posthoc_svd cut (prune.score; TRP's cut stays by energy).
 A held-out validation split (--val-size of the training images) records val_accuracy for
 choosing hyper-parameters; the test set only reports. Every finished point is one JSON file in
 <out>/<result>_points/ (committed with the results; a point there is skipped, one of other
@@ -191,8 +193,11 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Pat
 
 def method_settings(args, method: str) -> dict:
     """The hyper-parameters of a method that a point records (and a rerun must match)."""
+    score = {"rank_score": args.rank_score} if args.rank_score != "energy" else {}  # earlier points: energy
+    if method == "posthoc_svd":
+        return score
     if method == "svd_training":
-        return {"strength": args.strength, "target_at": args.target_at, "gradual": args.gradual,
+        return {**score, "strength": args.strength, "target_at": args.target_at, "gradual": args.gradual,
                 "schedule": args.svd_schedule, "init": args.svd_init if args.regime == "scratch" else "svd"}
     if method == "filter_pruning":
         return {"group_reg": args.group_reg}
@@ -235,7 +240,7 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
                                                                      f"decompose.dense_checkpoint={dense_state}"]
         cfg = compress_config(args, seed, *init, f"regularizer.target_macs={budget}",
                               f"regularizer.strength={args.strength}", f"regularizer.target_at={args.target_at}",
-                              f"prune.gradual={str(args.gradual).lower()}")
+                              f"prune.gradual={str(args.gradual).lower()}", f"prune.score={args.rank_score}")
         if args.svd_schedule == "one":  # the whole budget one train stage under one schedule (no restart)
             cfg = load_config(None, [f"epochs.train={cfg['epochs']['train'] + cfg['epochs']['finetune']}",
                                      "epochs.finetune=0"], base=cfg)
@@ -243,7 +248,8 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
     elif method == "posthoc_svd":
         finetune = args.finetune_epochs + (0 if scratch else args.compress_epochs)
         cfg = compress_config(args, seed, "decompose.init=svd", f"decompose.dense_checkpoint={dense_state}",
-                              "epochs.train=0", f"epochs.finetune={finetune}", f"prune.macs_budget={budget}")
+                              "epochs.train=0", f"epochs.finetune={finetune}", f"prune.macs_budget={budget}",
+                              f"prune.score={args.rank_score}")
         point = pipeline_point(out, cfg)
     else:
         from_dense = not scratch or method == "filter_pruning_l1"
@@ -368,6 +374,8 @@ def main(argv=None):
     p.add_argument("--group-reg", type=float, default=None,
                    help="filter_pruning: group-norm weight (default: from scratch 1e-4, chosen on validation; "
                         "for a trained model 5e-4, Torch-Pruning's CIFAR default)")
+    p.add_argument("--rank-score", choices=("energy", "loss"), default="energy",
+                   help="svd_training and posthoc_svd: rank singular values by energy share or loss importance")
     p.add_argument("--trp-every", type=int, default=20)
     p.add_argument("--trp-energy", type=float, default=0.98)
     p.add_argument("--trp-nuclear", type=float, default=3e-4)

@@ -138,6 +138,7 @@ def test_summary_macs_are_those_of_the_shipped_program(finished):
     (["optim.lr=fast"], "config key 'optim.lr' must be float"),
     (["decompose.mode=diagonal"], "must be one of channel, spatial"),
     (["prune.keep_energy=1.5"], "keep_energy must be in (0, 1]"),
+    (["prune.score=loss"], "prune.score: loss ranks values under a MACs budget"),
     (["lr"], "not of the form key=value"),
 ])
 def test_config_errors_are_one_line(tiny, tmp_path, args, message):
@@ -243,13 +244,14 @@ def test_dense_run_then_svd_init_from_its_checkpoint(tiny, tmp_path):
     cli("run", cfg, "--out", dense, "--quiet", "decompose.enabled=false", "epochs.orth=0", "epochs.finetune=0")
     d = json.loads((dense / "summary.json").read_text())
     assert d["macs"] == d["dense_macs"] and d["ranks"] == {}
-    svd = tmp_path / "svd"
-    cli("run", cfg, "--out", svd, "--quiet", "decompose.init=svd", f"decompose.dense_checkpoint={dense / 'model_state.pt'}",
-        "epochs.orth=0", "epochs.train=0", "prune.macs_budget=0.5", "epochs.finetune=1")
-    s = json.loads((svd / "summary.json").read_text())
-    # svd init computes what the dense model computes: the same accuracy, before any training
-    assert s["dense_accuracy"] == pytest.approx(d["accuracy"], abs=1e-9)
-    assert s["macs"] <= 0.5 * s["dense_macs"]
+    for score in ("energy", "loss"):  # post-hoc SVD, its values ranked either way
+        svd = tmp_path / f"svd_{score}"
+        cli("run", cfg, "--out", svd, "--quiet", "decompose.init=svd", f"decompose.dense_checkpoint={dense / 'model_state.pt'}",
+            "epochs.orth=0", "epochs.train=0", "prune.macs_budget=0.5", "epochs.finetune=1", f"prune.score={score}")
+        s = json.loads((svd / "summary.json").read_text())
+        # svd init computes what the dense model computes: the same accuracy, before any training
+        assert s["dense_accuracy"] == pytest.approx(d["accuracy"], abs=1e-9)
+        assert s["macs"] <= 0.5 * s["dense_macs"]
 
 
 def test_kill_during_first_checkpoint_write_still_resumes(tiny, tmp_path):

@@ -11,6 +11,7 @@ from .attention import SVDMultiheadAttention
 from .budget import BudgetController
 from .decompose import decompose
 from .export import export, export_program
+from .importance import SingularValueImportance, loss_importance
 from .layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
 from .losses import Regularizer, orthogonality_loss, param_groups, sparsity_loss
 from .macs import count_macs, count_params
@@ -21,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetController", "SVDMultiheadAttention", "decompose", "export", "export_program", "SVDConv2d", "SVDLayer", "SVDLinear", "svd_layers",
     "Regularizer", "orthogonality_loss", "sparsity_loss", "param_groups", "count_macs",
-    "count_params", "prune", "ranks", "set_ranks", "__version__",
+    "count_params", "prune", "ranks", "set_ranks", "SingularValueImportance", "loss_importance", "__version__",
 ]

@@ -27,6 +27,8 @@ The rule, in full (BudgetController):
   and the sparsity term stays weak. Compressing a trained ResNet-20 this measured better on
   the validation split than keeping the sparsity term on ahead of the cuts (horizon 0, lead
   a quarter of the ramp: 0.7 points lower; benchmarks/README.md).
+  With score="loss", the masks rank values by loss importance instead of energy share:
+  (s * dL/ds)^2 summed over the training steps since the previous update (importance.py).
 - If the target is not reached by the end of the stage (m > target + tolerance), `report()`
   says so; the prune stage still meets the budget (prune(macs_budget=target)), by cutting
   energy training did not empty.
@@ -41,6 +43,7 @@ from torch import nn
 
 from .losses import Regularizer
 from .macs import LayerCost, profile
+from .importance import SingularValueImportance
 from .prune import energy_rank, prune
 
 
@@ -87,7 +90,8 @@ class BudgetController:
     def __init__(self, model: nn.Module, reg: Regularizer, target_macs: float, input_shape, total_steps: int,
                  *, target_at: float = 0.5, keep_energy: float = 0.9999, every: int | None = None, gain: float = 0.5,
                  horizon: int = 5, relax: float = 4.0, mask: bool = False, optimizer=None, example_inputs=None,
-                 min_strength: float = 1e-6, max_strength: float = 10.0, tolerance: float = 0.03):
+                 min_strength: float = 1e-6, max_strength: float = 10.0, tolerance: float = 0.03,
+                 score: str = "energy"):
         if not 0.0 < target_macs <= 1.0:
             raise ValueError(f"target_macs must be in (0, 1], got {target_macs!r}")
         if not 0.0 < target_at <= 1.0:
@@ -110,6 +114,10 @@ class BudgetController:
         self._records = profile(model, **self.inputs)
         self.dense_macs = sum(r.macs("dense") for r in self._records)
         self.steps, self.start, self.last, self.slope = 0, None, None, 0.0
+        if score not in ("energy", "loss"):
+            raise ValueError(f"score must be 'energy' or 'loss', got {score!r}")
+        # Loss scores come from the gradients of the steps between two mask updates.
+        self.importance = SingularValueImportance(model) if mask and score == "loss" else None
 
     def measure(self) -> float:
         """MACs at keep_energy now, as a fraction of the dense model's."""
@@ -128,6 +136,8 @@ class BudgetController:
             self.start = self.measure()
             self.last = self.start
         self.steps += 1
+        if self.importance is not None:
+            self.importance.accumulate()
         if self.steps % self.every == 0:
             m = self.measure()
             self.slope = 0.7 * self.slope + 0.3 * (m - self.last)
@@ -148,8 +158,12 @@ class BudgetController:
         """Gradual pruning: mask the lowest-scored singular values (prune's macs_budget rule)
         until the deploy MACs are at most `fraction` of dense; never unmasks."""
         deployed = sum(r.macs() for r in self._records) / self.dense_macs
+        scores = None
+        if self.importance is not None:
+            scores = self.importance.scores()
+            self.importance.reset()
         if deployed > fraction:
-            prune(self.model, macs_budget=fraction, optimizer=self.optimizer, **self.inputs)
+            prune(self.model, macs_budget=fraction, optimizer=self.optimizer, scores=scores, **self.inputs)
 
     def report(self) -> str | None:
         """A one-line warning if the target was not reached, else None."""
@@ -157,8 +171,11 @@ class BudgetController:
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "start": self.start, "last": self.last, "slope": self.slope,
-                "strength": self.reg.strength}
+                "strength": self.reg.strength,
+                "importance": self.importance.state_dict() if self.importance is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.start, self.last, self.slope = state["steps"], state["start"], state["last"], state["slope"]
         self.reg.strength = state["strength"]
+        if self.importance is not None and state.get("importance") is not None:
+            self.importance.load_state_dict(state["importance"])

@@ -27,7 +27,9 @@ DEFAULTS: dict = {
     "regularizer": {"orth": 1.0, "sparsity": "hoyer", "strength": 0.005, "target_macs": 0.0, "target_at": 0.5},
     # macs_budget > 0 replaces keep_energy. gradual (with regularizer.target_macs): mask values
     # along the budget schedule during the train stage instead of all at once afterwards.
-    "prune": {"keep_energy": 0.9999, "macs_budget": 0.0, "gradual": False},
+    # score (under a MACs budget): rank values by energy share, or by loss importance
+    # (svdtrain/importance.py; measured on score_batches training batches before a one-shot cut).
+    "prune": {"keep_energy": 0.9999, "macs_budget": 0.0, "gradual": False, "score": "energy", "score_batches": 32},
     "epochs": {"orth": 0, "train": 10, "finetune": 2},
     # Each SVD layer is exported as its factor pair or one dense layer, whichever has fewer
     # MACs ("macs") or runs faster on this machine, timed at export.batch in the memory
@@ -63,6 +65,7 @@ DEFAULTS: dict = {
 CHOICES = {
     "dataset": ("cifar10", "cifar100", "digits", "folder"),
     "decompose.mode": ("channel", "spatial"),
+    "prune.score": ("energy", "loss"),
     "decompose.init": ("random", "random_scaled", "dense_init", "svd"),
     "regularizer.sparsity": ("hoyer", "hoyer_square", "l1", "none"),
     "optim.name": ("sgd", "adam", "adamw"),
@@ -73,7 +76,7 @@ CHOICES = {
 }
 
 # Which stage first uses a key: a finished stage's keys may not change on resume.
-_KEY_STAGE = {"export.": "export", "prune.gradual": "train", "prune.": "prune", "epochs.finetune": "finetune",
+_KEY_STAGE = {"export.": "export", "prune.gradual": "train", "prune.score": "train", "prune.": "prune", "epochs.finetune": "finetune",
               "optim.finetune_lr": "finetune", "epochs.train": "train", "regularizer.sparsity": "train", "regularizer.strength": "train",
               "regularizer.target": "train"}
 _FREE = {"threads", "device", "amp", "channels_last", "eval_batch_size", "data_dir", "compile"}
@@ -173,6 +176,10 @@ def validate(cfg: dict) -> None:
     if not 0.0 <= p["macs_budget"] <= 1.0:
         raise ConfigError(f"prune.macs_budget must be in [0, 1] (0 = off), got {p['macs_budget']}")
     r = cfg["regularizer"]
+    if p["score"] == "loss" and not (p["macs_budget"] or r["target_macs"]):
+        raise ConfigError("prune.score: loss ranks values under a MACs budget: set prune.macs_budget or regularizer.target_macs")
+    if p["score_batches"] < 1:
+        raise ConfigError(f"prune.score_batches must be >= 1, got {p['score_batches']}")
     if not 0.0 <= r["target_macs"] <= 1.0 or not 0.0 < r["target_at"] <= 1.0:
         raise ConfigError("regularizer.target_macs must be in [0, 1] (0 = off) and regularizer.target_at in (0, 1]")
     if r["sparsity"] != "none" and r["strength"] <= 0:

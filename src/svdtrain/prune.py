@@ -24,9 +24,10 @@ def energy_rank(s: torch.Tensor, keep_energy: float) -> int:
     return min(k, e.numel())
 
 
-def _keep_top(layer: SVDLayer, k: int) -> None:
-    """Keep the k active values of largest magnitude (ties: lower index first)."""
-    mag = torch.where(layer.active, layer.s.detach().abs(), torch.full_like(layer.s, -1.0))
+def _keep_top(layer: SVDLayer, k: int, score: torch.Tensor | None = None) -> None:
+    """Keep the k active values of largest magnitude, or of largest `score` (ties: lower index first)."""
+    key = layer.s.detach().abs() if score is None else score.to(layer.s.device, layer.s.dtype)
+    mag = torch.where(layer.active, key, torch.full_like(layer.s, -1.0))
     order = torch.sort(mag, descending=True, stable=True).indices
     mask = torch.zeros_like(layer.active)
     mask[order[:k]] = True
@@ -34,7 +35,8 @@ def _keep_top(layer: SVDLayer, k: int) -> None:
 
 
 def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: float | None = None,
-          input_shape=None, optimizer: torch.optim.Optimizer | None = None, example_inputs=None) -> dict[str, int]:
+          input_shape=None, optimizer: torch.optim.Optimizer | None = None, example_inputs=None,
+          scores: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Prune singular values of every SVD layer; returns {qualified_name: rank}.
 
     keep_energy: per layer, keep the fewest largest values whose squares hold at least this
@@ -51,6 +53,10 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
         The hull lets a layer above its crossover (dense: one value saves nothing) go straight
         to the rank where cutting pays, scored by the whole step; a layer never taken below
         its crossover keeps all its values.
+    scores: with macs_budget, {layer name: one non-negative importance per singular value}
+        (e.g. `loss_importance`) replaces the energy shares: the same rule then minimises the
+        total importance lost, compared across layers as is, and each layer keeps its
+        highest-scored values.
     Pruned values are masked and zeroed: they no longer affect output, losses or training.
     optimizer: an optimizer you keep training with; its per-parameter state (momentum, Adam's
         moments) is zeroed at the pruned entries, so pruned values stay exactly zero.
@@ -59,6 +65,8 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
     """
     if (keep_energy is None) == (macs_budget is None):
         raise ValueError("give exactly one of keep_energy or macs_budget")
+    if scores is not None and macs_budget is None:
+        raise ValueError("scores rank singular values under a macs_budget only")
     layers = list(svd_layers(model))
     if not layers:
         raise ValueError("the model has no SVD layers (decompose(model) first; it replaces plain Conv2d/Linear layers only)")
@@ -69,7 +77,7 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
             active_s = layer.s.detach()[layer.active]
             _keep_top(layer, energy_rank(active_s, float(keep_energy)))
     else:
-        _prune_to_budget(model, float(macs_budget), input_shape, example_inputs)
+        _prune_to_budget(model, float(macs_budget), input_shape, example_inputs, _by_layer(model, scores))
     if optimizer is not None:
         clear_pruned_state(model, optimizer)
     return ranks(model)
@@ -91,7 +99,25 @@ def clear_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> No
                         value[index] = 0.0
 
 
-def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_inputs=None) -> dict[str, int]:
+def _by_layer(model: nn.Module, scores: dict[str, torch.Tensor] | None) -> dict[int, torch.Tensor] | None:
+    """{id(layer): its scores}, checked against the model's SVD layers."""
+    if scores is None:
+        return None
+    layers = dict(svd_layers(model))
+    if set(scores) != set(layers):
+        missing, extra = sorted(set(layers) - set(scores)), sorted(set(scores) - set(layers))
+        raise ValueError(f"scores must name every SVD layer: missing {missing[:3]}, unknown {extra[:3]}")
+    out = {}
+    for name, layer in layers.items():
+        score = torch.as_tensor(scores[name]).detach().double().cpu()
+        if score.shape != layer.s.shape or bool((score < 0).any()) or not bool(torch.isfinite(score).all()):
+            raise ValueError(f"scores['{name}'] must hold {layer.s.numel()} finite values >= 0")
+        out[id(layer)] = score
+    return out
+
+
+def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_inputs=None,
+                     scores: dict[int, torch.Tensor] | None = None) -> dict[str, int]:
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"macs_budget must be in (0, 1], got {budget!r}")
     if input_shape is None and example_inputs is None:
@@ -118,12 +144,16 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
     if floor > target:
         raise ValueError(f"macs_budget {budget:g} is below what rank 1 everywhere reaches "
                          f"({floor / dense_total:.3f} of dense MACs)")
-    # Per layer: energy shares of its active values, smallest first (the removal order).
+    # Per layer: what each active value is worth, smallest first (the removal order): its
+    # energy share, or its given score.
     shares, full = {}, dict(rank)
     for key, r in svd.items():
         layer = r.module
-        e = layer.s.detach().double()[layer.active].pow(2)
-        shares[key] = (e / e.sum().clamp_min(1e-300)).sort().values.tolist()
+        if scores is None:
+            e = layer.s.detach().double()[layer.active].pow(2)
+            shares[key] = (e / e.sum().clamp_min(1e-300)).sort().values.tolist()
+        else:
+            shares[key] = scores[key][layer.active.cpu()].sort().values.tolist()
     hulls = {key: _hull(shares[key], lambda k, r=r: cost(r, k)) for key, r in svd.items()}
     order = {key: i for i, key in enumerate(svd)}  # ties break by layer order, not by id()
 
@@ -160,7 +190,7 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
         current += best[0]
         rank[best[2]] = best[3]
     for key, r in svd.items():
-        _keep_top(r.module, rank[key])
+        _keep_top(r.module, rank[key], None if scores is None else scores[key])
     return ranks(model)
 
 

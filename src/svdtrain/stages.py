@@ -11,6 +11,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from .budget import BudgetController, budget_warning, macs_at_energy
@@ -21,6 +22,7 @@ from .export import export, export_program
 from .layers import svd_layers, unwrap
 from .losses import Regularizer
 from .macs import count_macs, count_params, profile
+from .importance import loss_importance
 from .prune import prune, ranks
 
 log = logging.getLogger("svdtrain")
@@ -126,7 +128,7 @@ class Stages:
             return None
         return BudgetController(self.model, reg, r["target_macs"], self.shape, total_steps,
                                 target_at=r["target_at"], keep_energy=p["keep_energy"],
-                                mask=p["gradual"], optimizer=opt)
+                                mask=p["gradual"], optimizer=opt, score=p["score"])
 
     def _rank_stats(self) -> dict:
         """Mean rank and deploy MACs if pruned now at prune.keep_energy (SVD runs only)."""
@@ -158,7 +160,8 @@ class Stages:
         p = self.cfg["prune"]
         budget = p["macs_budget"] or self.cfg["regularizer"]["target_macs"]
         if budget > 0:
-            info["ranks"] = prune(self.model, macs_budget=budget, input_shape=self.shape)
+            scores = self._loss_scores(p["score_batches"]) if p["score"] == "loss" else None
+            info["ranks"] = prune(self.model, macs_budget=budget, input_shape=self.shape, scores=scores)
         else:
             info["ranks"] = prune(self.model, keep_energy=p["keep_energy"])
         self._record_accuracy("accuracy_pruned")
@@ -169,6 +172,20 @@ class Stages:
         if not self.quiet and self.rank == 0:
             self.log(f"[prune] ranks {list(info['ranks'].values())} -> test {info['accuracy_pruned']:.2%}, "
                      f"MACs {info['macs_pruned'] / info['dense_macs']:.1%} of dense")
+
+    def _loss_scores(self, batches: int) -> dict:
+        """Loss importance of every singular value over `batches` training batches (the run's
+        task loss). The loader's stream depends only on (seed, epoch): reading it here leaves
+        the fine-tuning's batches as they were."""
+        smoothing = self.cfg["label_smoothing"]
+        scores = loss_importance(unwrap(self.model), self.train_loader,
+                                 lambda out, y: F.cross_entropy(out.float(), y, label_smoothing=smoothing), batches)
+        if self.world > 1:  # each rank scored its own shard: average, so every rank cuts the same values
+            for name, value in scores.items():
+                value = value.to(self.device)
+                dist.all_reduce(value)
+                scores[name] = value / self.world
+        return scores
 
     def _stage_finetune(self):
         self._train_stage("finetune")

@@ -1,0 +1,84 @@
+"""Loss-based importance of singular values, for ranking them under a MACs budget.
+
+Removing value i of a layer changes its weight by -s_i u_i v_i^T, and the loss by about
+-s_i dL/ds_i to first order. At a trained model that mean is near zero, so the score is its
+square summed over batches, sum_b (s_i dL_b/ds_i)^2: a diagonal Fisher estimate of the loss
+increase (Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019).
+Unlike each layer's energy share, it compares values across layers on one scale.
+
+    imp = svdtrain.SingularValueImportance(model)
+    for x, y in loader:                    # your own loop, or loss_importance() below
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(); loss.backward()
+        imp.accumulate()                   # reads s.grad
+        opt.step()
+    svdtrain.prune(model, macs_budget=0.33, input_shape=(1, 3, 32, 32), scores=imp.scores())
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .layers import svd_layers
+
+
+class SingularValueImportance:
+    """Accumulates sum over calls of (s * s.grad)^2 per SVD layer of `model`."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = dict(svd_layers(model))
+        if not self.layers:
+            raise ValueError("the model has no SVD layers (decompose(model) first)")
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {name: torch.zeros_like(layer.s, dtype=torch.float64) for name, layer in self.layers.items()}
+        self.count = 0
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """Add the current gradients' contribution; call after backward(), before zero_grad()."""
+        for name, layer in self.layers.items():
+            if layer.s.grad is not None:
+                self.sums[name] += (layer.s.detach() * layer.s.grad).double().pow(2)
+        self.count += 1
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """{layer name: per-value importance} (the mean over the calls so far)."""
+        if self.count == 0:
+            raise ValueError("no gradients accumulated yet: call accumulate() after backward()")
+        return {name: total / self.count for name, total in self.sums.items()}
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = {k: v.to(self.sums[k].device) for k, v in state["sums"].items()}
+        self.count = state["count"]
+
+
+def loss_importance(model: nn.Module, batches: Iterable, loss_fn: Callable, max_batches: int | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Importance of every singular value from (x, y) `batches` (no optimizer step). The model
+    runs in train mode as it will be fine-tuned; its buffers (BatchNorm running statistics)
+    are restored afterwards, so the model leaves exactly as it came."""
+    imp = SingularValueImportance(model)
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}
+    grads = {p: p.grad for p in model.parameters()}
+    was_training = model.training
+    model.train()
+    try:
+        for i, (x, y) in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            imp.accumulate()
+    finally:
+        model.load_state_dict(buffers, strict=False)
+        for p, g in grads.items():
+            p.grad = g
+        model.train(was_training)
+    return imp.scores()
