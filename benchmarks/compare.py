@@ -319,7 +319,8 @@ def write_results(args) -> None:
                    "schedule": (f"cosine from {args.lr} (E_c)" if args.regime == "pretrained" else
                                 "one-cycle peak 0.2 (E)") + f", cosine from {args.finetune_lr} (E_f)",
                    "augmentation": "pad-4 random crop + horizontal flip", "label_smoothing": 0.1,
-                   "rank_allocation": "prune(macs_budget): per-layer lower convex hull of (MACs, energy lost)"},
+                   "rank_allocation": "prune(macs_budget): per-layer lower convex hull of (MACs, "
+                                      f"{'energy' if args.rank_score == 'energy' else 'loss importance'} lost)"},
         "dense": dense,
         "points": [{k: p.get(k) for k in ("method", "level", "seed", "macs", "accuracy", "val_accuracy",
                                           "accuracy_trained", "accuracy_before_finetune", "macs_at_threshold_trained",
