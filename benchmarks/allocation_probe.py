@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import importlib.util
 import json
 import platform
@@ -58,7 +59,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(HERE / "results" / "allocation_probe.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rules = {"svdtrain": svdtrain.prune, "loss": None}
+    rules = {"svdtrain": svdtrain.prune}
     if args.old_prune:
         rules["old"] = load_rule(args.old_prune)
     data = load_dataset("cifar10", args.data_dir)
@@ -77,13 +78,11 @@ def main(argv=None):
                             mean=data.mean, std=data.std)
         scores = svdtrain.loss_importance(scored, train, lambda out, t: F.cross_entropy(out, t, label_smoothing=0.1),
                                           args.score_batches)
+        rules["loss"] = functools.partial(svdtrain.prune, scores=scores)  # this model's scores
         for budget in (0.5, 0.33, 0.25):
             for rule, prune in rules.items():
                 model = svdtrain.decompose(copy.deepcopy(dense), init="svd").eval()
-                if rule == "loss":
-                    ranks = svdtrain.prune(model, macs_budget=budget, input_shape=(1, 3, 32, 32), scores=scores)
-                else:
-                    ranks = prune(model, macs_budget=budget, input_shape=(1, 3, 32, 32))
+                ranks = prune(model, macs_budget=budget, input_shape=(1, 3, 32, 32))
                 rows.append({"model": name, "budget": budget, "rule": rule, "dense_accuracy": base,
                              "accuracy": evaluate(model, loader), "macs": svdtrain.count_macs(model, (1, 3, 32, 32)),
                              "rank_1_layers": sum(k == 1 for k in ranks.values()), "ranks": ranks})

@@ -41,9 +41,9 @@ import math
 
 from torch import nn
 
+from .importance import SingularValueImportance
 from .losses import Regularizer
 from .macs import LayerCost, profile
-from .importance import SingularValueImportance
 from .prune import energy_rank, prune
 
 
@@ -158,12 +158,11 @@ class BudgetController:
         """Gradual pruning: mask the lowest-scored singular values (prune's macs_budget rule)
         until the deploy MACs are at most `fraction` of dense; never unmasks."""
         deployed = sum(r.macs() for r in self._records) / self.dense_macs
-        scores = None
-        if self.importance is not None:
-            scores = self.importance.scores()
-            self.importance.reset()
         if deployed > fraction:
+            scores = self.importance.scores() if self.importance is not None else None
             prune(self.model, macs_budget=fraction, optimizer=self.optimizer, scores=scores, **self.inputs)
+        if self.importance is not None:
+            self.importance.reset()  # the next cut reads only the gradients from here on
 
     def report(self) -> str | None:
         """A one-line warning if the target was not reached, else None."""

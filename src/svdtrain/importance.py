@@ -65,7 +65,8 @@ def loss_importance(model: nn.Module, batches: Iterable, loss_fn: Callable, max_
     runs in train mode as it will be fine-tuned; its buffers (BatchNorm running statistics)
     are restored afterwards, so the model leaves exactly as it came."""
     imp = SingularValueImportance(model)
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if k not in dict(model.named_parameters())}
+    params = dict(model.named_parameters())
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if k not in params}
     grads = {p: p.grad for p in model.parameters()}
     was_training = model.training
     model.train()

@@ -21,8 +21,8 @@ from .engine import evaluate, make_optimizer, train_epochs
 from .export import export, export_program
 from .layers import svd_layers, unwrap
 from .losses import Regularizer
-from .macs import count_macs, count_params, profile
 from .importance import loss_importance
+from .macs import count_macs, count_params, profile
 from .prune import prune, ranks
 
 log = logging.getLogger("svdtrain")
