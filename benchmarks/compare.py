@@ -7,7 +7,7 @@ Two regimes (--regime):
               same budget from it: E_c = --compress-epochs of compression-time training (cosine
               from --lr) + E_f = --finetune-epochs of fine-tuning (cosine from --finetune-lr).
               posthoc_svd and filter_pruning_l1, which have no compression-time training,
-              fine-tune E_c + E_f. Results: compress_pretrained.{json,md}.
+              fine-tune E_c + E_f. Results: compress_pretrained.{json,md,png}.
   scratch     Every method starts from a fresh init of its seed and gets E = --train-epochs
               of training (configs/cifar10_resnet20.yaml's one-cycle schedule) + E_f of
               fine-tuning; posthoc_svd and filter_pruning_l1 start from the seed's dense model
@@ -341,8 +341,7 @@ def write_results(args) -> None:
     if any(p["method"] == "svd_training" for p in points):
         table += ["", "SVD training through its stages (test top-1, %):", "", *stages_table(points)]
     (out / f"{name}.md").write_text("\n".join(table) + "\n")
-    if args.regime == "scratch":
-        plot(points, dense, out / f"{name}.png", LEVELS, METHODS)
+    plot(points, dense, out / f"{name}.png", LEVELS, METHODS)
     print("\n".join(table))
 
 
