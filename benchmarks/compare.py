@@ -24,7 +24,7 @@ Methods (the same augmentation, batch, optimizer family in both regimes):
   trp                TRP training, prune to the level, fine-tune E_f (orthogonality on, as every
                      SVD-form model)
 --rank-score loss ranks singular values by loss importance instead of energy share wherever
-svd_training and posthoc_svd cut (prune.score; TRP's cut stays by energy).
+svd_training, posthoc_svd and trp cut to the level (prune.score).
 A held-out validation split (--val-size of the training images) records val_accuracy for
 choosing hyper-parameters; the test set only reports. Every finished point is one JSON file in
 <out>/<result>_points/ (committed with the results; a point there is skipped, one of other
@@ -129,6 +129,16 @@ def accuracies(model, data, cfg) -> dict:
     return out
 
 
+def loss_scores(model, data, cfg) -> dict:
+    """Loss importance of every singular value over the first prune.score_batches training
+    batches, with the task loss the pipeline's prune stage uses."""
+    loader = BatchLoader(data.x_train, data.y_train, cfg["batch_size"], train=True, augment=cfg["augment"],
+                         seed=cfg["seed"], mean=data.mean, std=data.std, device=next(model.parameters()).device)
+    smoothing = cfg["label_smoothing"]
+    return svdtrain.loss_importance(model, loader, lambda out, y: torch.nn.functional.cross_entropy(
+        out.float(), y, label_smoothing=smoothing), cfg["prune"]["score_batches"])
+
+
 def example(model) -> torch.Tensor:
     return torch.zeros(SHAPE, device=next(model.parameters()).device)
 
@@ -177,7 +187,11 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Pat
         rows = fit(model, data, cfg, e_c, stage="train", quiet=True, checkpoint=out / "train.pt",
                    on_backward=lambda m: trp.regularize(), on_step=after_step)
         trained = accuracies(model, data, cfg)["accuracy"]
-        trp.to_svd_model(input_shape=SHAPE, macs_budget=level)
+        if args.rank_score == "loss":  # convert at full rank, then cut as the SVD methods do
+            trp.to_svd_model(keep_energy=1.0)
+            svdtrain.prune(model, macs_budget=level, input_shape=SHAPE, scores=loss_scores(model, data, cfg))
+        else:
+            trp.to_svd_model(input_shape=SHAPE, macs_budget=level)
         reg = svdtrain.Regularizer(orth=cfg["regularizer"]["orth"], sparsity=None)
     before = accuracies(model, data, cfg)["accuracy"]
     rows += fit(model, data, cfg, e_f, stage="finetune", reg=reg, quiet=True, checkpoint=out / "finetune.pt")
@@ -202,7 +216,7 @@ def method_settings(args, method: str) -> dict:
     if method == "filter_pruning":
         return {"group_reg": args.group_reg}
     if method == "trp":
-        return {"every": args.trp_every, "energy": args.trp_energy, "nuclear": args.trp_nuclear}
+        return {**score, "every": args.trp_every, "energy": args.trp_energy, "nuclear": args.trp_nuclear}
     return {}
 
 

@@ -99,3 +99,19 @@ def test_scratch_svd_training_alone_needs_no_dense_model(tmp_path):
     res = subprocess.run(args + ["--report-only"], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "no dense model yet" in res.stderr and "Traceback" not in res.stderr
 
+
+
+def test_trp_cuts_by_loss_importance_when_asked(tmp_path):
+    """--rank-score loss reaches TRP's cut to the level too, and its point records the rule."""
+    write_fake_cifar(tmp_path / "data", n_train=256, n_test=100)
+    out = tmp_path / "out"
+    args = [sys.executable, str(SCRIPT), "--regime", "pretrained", "--data-dir", str(tmp_path / "data"),
+            "--work", str(tmp_path / "work"), "--out", str(out), "--dense-epochs", "1", "--compress-epochs", "1",
+            "--finetune-epochs", "1", "--val-size", "64", "--threads", "1", "--levels", "33%",
+            "--methods", "trp", "--rank-score", "loss"]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((out / "compress_pretrained.json").read_text())
+    (point,) = result["points"]
+    assert point["settings"]["rank_score"] == "loss" and point["macs"] <= 0.33 * result["dense"]["macs"]
+    assert "loss importance" in result["budget"]["rank_allocation"]
