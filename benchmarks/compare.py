@@ -51,7 +51,7 @@ import torch
 import svdtrain
 from svdtrain.checkpoint import write_metrics
 from svdtrain.config import load_config
-from svdtrain.engine import evaluate, fit
+from svdtrain.engine import evaluate, fit, task_loss, train_loader
 from svdtrain.loader import BatchLoader
 from svdtrain.models import build_model
 from svdtrain.train import Run, run_dataset
@@ -131,12 +131,9 @@ def accuracies(model, data, cfg) -> dict:
 
 def loss_scores(model, data, cfg) -> dict:
     """Loss importance of every singular value over the first prune.score_batches training
-    batches, with the task loss the pipeline's prune stage uses."""
-    loader = BatchLoader(data.x_train, data.y_train, cfg["batch_size"], train=True, augment=cfg["augment"],
-                         seed=cfg["seed"], mean=data.mean, std=data.std, device=next(model.parameters()).device)
-    smoothing = cfg["label_smoothing"]
-    return svdtrain.loss_importance(model, loader, lambda out, y: torch.nn.functional.cross_entropy(
-        out.float(), y, label_smoothing=smoothing), cfg["prune"]["score_batches"])
+    batches, with the run's task loss (as the pipeline's prune stage scores them)."""
+    loader = train_loader(data, cfg, next(model.parameters()).device)
+    return svdtrain.loss_importance(model, loader, lambda out, y: task_loss(out, y, cfg), cfg["prune"]["score_batches"])
 
 
 def example(model) -> torch.Tensor:

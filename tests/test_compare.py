@@ -100,7 +100,6 @@ def test_scratch_svd_training_alone_needs_no_dense_model(tmp_path):
     assert res.returncode != 0 and "no dense model yet" in res.stderr and "Traceback" not in res.stderr
 
 
-
 def test_trp_cuts_by_loss_importance_when_asked(tmp_path):
     """--rank-score loss reaches TRP's cut to the level too, and its point records the rule."""
     write_fake_cifar(tmp_path / "data", n_train=256, n_test=100)

@@ -68,6 +68,17 @@ def evaluate(model: nn.Module, loader: BatchLoader, world: int = 1) -> float:
     return float(correct[0] / correct[1].clamp_min(1))
 
 
+def task_loss(out: torch.Tensor, y: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """The run's task loss: cross-entropy in float32 with the config's label smoothing."""
+    return F.cross_entropy(out.float(), y, label_smoothing=cfg["label_smoothing"])
+
+
+def train_loader(data, cfg: dict, device) -> BatchLoader:
+    """The single-process training stream of a run: augmented, shuffled by (seed, epoch)."""
+    return BatchLoader(data.x_train, data.y_train, cfg["batch_size"], train=True, augment=cfg["augment"],
+                       seed=cfg["seed"], mean=data.mean, std=data.std, device=device)
+
+
 def train_epoch(model, loader, opt, sched, reg, cfg: dict, device, *, desc="train", quiet=False, world=1,
                 where="training", on_backward=None, on_step=None) -> dict:
     """One epoch of `task loss + reg(model)`; returns mean task loss, train accuracy and the
@@ -83,7 +94,7 @@ def train_epoch(model, loader, opt, sched, reg, cfg: dict, device, *, desc="trai
     for i, (x, y) in enumerate(bar):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg["amp"] and _bf16_ok()):
             out = model(x)
-            task = F.cross_entropy(out.float(), y, label_smoothing=cfg["label_smoothing"])
+            task = task_loss(out, y, cfg)
         loss = task + reg(model) if reg is not None else task
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every rank must stop together, or the others hang in the next allreduce
@@ -147,8 +158,7 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
     cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     model.to(device)
-    loader = BatchLoader(data.x_train, data.y_train, cfg["batch_size"], train=True, augment=cfg["augment"],
-                         seed=cfg["seed"], mean=data.mean, std=data.std, device=device)
+    loader = train_loader(data, cfg, device)
     evals = {"test_accuracy": BatchLoader(data.x_test, data.y_test, cfg["eval_batch_size"], train=False,
                                           mean=data.mean, std=data.std, device=device)}
     if getattr(data, "x_val", None) is not None:

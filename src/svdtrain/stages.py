@@ -11,13 +11,12 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .budget import BudgetController, budget_warning, macs_at_energy
 from .checkpoint import atomic_save, atomic_write_text, rng_state
 from .distributed import replica_spread, spread
-from .engine import evaluate, make_optimizer, train_epochs
+from .engine import evaluate, make_optimizer, task_loss, train_epochs
 from .export import export, export_program
 from .layers import svd_layers, unwrap
 from .losses import Regularizer
@@ -177,9 +176,8 @@ class Stages:
         """Loss importance of every singular value over `batches` training batches (the run's
         task loss). The loader's stream depends only on (seed, epoch): reading it here leaves
         the fine-tuning's batches as they were."""
-        smoothing = self.cfg["label_smoothing"]
         scores = loss_importance(unwrap(self.model), self.train_loader,
-                                 lambda out, y: F.cross_entropy(out.float(), y, label_smoothing=smoothing), batches)
+                                 lambda out, y: task_loss(out, y, self.cfg), batches)
         if self.world > 1:  # each rank scored its own shard: average, so every rank cuts the same values
             for name, value in scores.items():
                 value = value.to(self.device)
