@@ -12,23 +12,31 @@ def read_points(files) -> list[dict]:
     return [json.loads(f.read_text()) for f in files if not f.name.startswith(("dense", "budget"))]
 
 
+def mean_std(values: list[float]) -> str:
+    """'mean ± std' in points of top-1 (the std only where there is more than one value)."""
+    std = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}{std}"
+
+
 def summary_table(points: list[dict], dense: dict, regime: str, levels, methods) -> list[str]:
-    """One row per level and method: mean ± std over seeds, n, validation, MACs, before fine-tuning."""
+    """One row per level and method: test and validation mean ± std over seeds, n, MACs, and the
+    accuracy right after the cut to the level (before fine-tuning)."""
     lines = [f"Dense ResNet-20 ({dense['epochs']} epochs, n={dense['n']}): test {100 * dense['accuracy']:.2f}%, "
              f"{dense['macs'] / 1e6:.2f}M MACs. Regime: {regime}.", "",
-             "| level | method | n | test top-1 (mean ± std) | val top-1 | % of dense MACs | before fine-tune |",
+             "| level | method | n | test top-1 (mean ± std) | val top-1 (mean ± std) | % of dense MACs | before fine-tune |",
              "|---|---|---|---|---|---|---|"]
     for level in levels:
         for method in methods:
             ps = [p for p in points if p["level"] == level and p["method"] == method]
             if not ps:
                 continue
-            acc = [100 * p["accuracy"] for p in ps]
-            std = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
             before = statistics.mean(100 * p["accuracy_before_finetune"] for p in ps)
-            lines.append(f"| {level} | {method} | {len(ps)} | {statistics.mean(acc):.2f}{std} "
-                         f"| {statistics.mean(100 * p['val_accuracy'] for p in ps):.2f} "
+            lines.append(f"| {level} | {method} | {len(ps)} | {mean_std([100 * p['accuracy'] for p in ps])} "
+                         f"| {mean_std([100 * p['val_accuracy'] for p in ps])} "
                          f"| {100 * statistics.mean(p['macs'] for p in ps) / dense['macs']:.1f}% | {before:.2f} |")
+    if any(p["method"] == "svd_training" and p["settings"].get("schedule") == "one" for p in points):
+        lines += ["", "SVD training under one schedule has no separate fine-tuning: its budget is one train "
+                      "stage that ends at the level, so its 'before fine-tune' is its final accuracy."]
     return lines
 
 
