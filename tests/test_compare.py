@@ -114,3 +114,22 @@ def test_trp_cuts_by_loss_importance_when_asked(tmp_path):
     (point,) = result["points"]
     assert point["settings"]["rank_score"] == "loss" and point["macs"] <= 0.33 * result["dense"]["macs"]
     assert "loss importance" in result["budget"]["rank_allocation"]
+
+
+def test_a_trained_dense_model_serves_other_learning_rates(tmp_path):
+    """Tuning the compression's learning rates reuses the trained dense model (it never fine-tunes)."""
+    write_fake_cifar(tmp_path / "data", n_train=256, n_test=100)
+    common = [sys.executable, str(SCRIPT), "--regime", "pretrained", "--data-dir", str(tmp_path / "data"),
+              "--dense-epochs", "1", "--compress-epochs", "1", "--finetune-epochs", "1", "--val-size", "64",
+              "--threads", "1", "--levels", "50%", "--methods", "filter_pruning_l1"]
+    res = subprocess.run(common + ["--work", str(tmp_path / "w1"), "--out", str(tmp_path / "o1")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shutil.copytree(tmp_path / "w1" / "dense", tmp_path / "w2" / "dense")
+    before = (tmp_path / "w2" / "dense" / "checkpoint.pt").read_bytes()
+    res = subprocess.run(common + ["--work", str(tmp_path / "w2"), "--out", str(tmp_path / "o2"),
+                                   "--lr", "0.05", "--finetune-lr", "0.05"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "w2" / "dense" / "checkpoint.pt").read_bytes() == before  # not retrained
+    result = json.loads((tmp_path / "o2" / "compress_pretrained.json").read_text())
+    assert "0.05" in result["budget"]["schedule"] and len(result["points"]) == 1
