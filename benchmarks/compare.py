@@ -80,13 +80,10 @@ def dense_dir(args, work: Path, seed: int) -> Path:
 
 
 def dense_config(args, seed: int) -> dict:
-    """The dense model's run: in the pretrained regime one model (seed 0) for every seed. A dense
-    run never fine-tunes, so it keeps the config's fine-tuning lr: a trained dense model is then
-    reused by compressions with any --finetune-lr instead of being refused as a changed run."""
-    own_lr = f"optim.finetune_lr={load_config(CONFIG)['optim']['finetune_lr']}"
+    """The dense model's run: in the pretrained regime one model (seed 0) for every seed."""
     if args.regime == "pretrained":
-        return base(args, 0, "decompose.enabled=false", f"epochs.train={args.dense_epochs}", own_lr)
-    return base(args, seed, "decompose.enabled=false", f"epochs.train={args.train_epochs}", own_lr)
+        return base(args, 0, "decompose.enabled=false", f"epochs.train={args.dense_epochs}")
+    return base(args, seed, "decompose.enabled=false", f"epochs.train={args.train_epochs}")
 
 
 def compress_config(args, seed: int, *overrides: str) -> dict:
