@@ -23,6 +23,8 @@ Methods (the same augmentation, batch, optimizer family in both regimes):
   filter_pruning_l1  one-shot global L1 filter pruning of the dense model, fine-tune
   trp                TRP training, prune to the level, fine-tune E_f (orthogonality on, as every
                      SVD-form model)
+--method-lr METHOD=LR gives a method its own peak learning rate (E_c and E_f alike), the value
+chosen for it on the validation split; its points record it, the budget's --lr stays every other's.
 --rank-score loss ranks singular values by loss importance instead of energy share wherever
 svd_training, posthoc_svd and trp cut to the level (prune.score).
 A held-out validation split (--val-size of the training images) records val_accuracy for
@@ -202,9 +204,32 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Pat
             "params": svdtrain.count_params(model), "seconds": time.perf_counter() - t0}
 
 
+def method_lrs(pairs: list[str]) -> dict:
+    """--method-lr's METHOD=LR pairs as {method: lr}; a malformed pair is a one-line error."""
+    lrs = {}
+    for pair in pairs:
+        method, _, value = pair.partition("=")
+        try:
+            lrs[method] = float(value)
+        except ValueError:
+            lrs[method] = -1.0
+        if method not in METHODS or not lrs[method] > 0:
+            raise SystemExit(f"--method-lr {pair}: expected METHOD=LR with METHOD one of {', '.join(METHODS)} "
+                             "and LR > 0")
+    return lrs
+
+
+def lr_overrides(args, method: str) -> list[str]:
+    """A method's own peak learning rate (--method-lr), for compression-time training and fine-tuning."""
+    lr = args.method_lr.get(method)
+    return [] if lr is None else [f"optim.lr={lr}", f"optim.finetune_lr={lr}"]
+
+
 def method_settings(args, method: str) -> dict:
     """The hyper-parameters of a method that a point records (and a rerun must match)."""
     score = {"rank_score": args.rank_score} if args.rank_score != "energy" else {}  # earlier points: energy
+    if method in args.method_lr:
+        score["lr"] = args.method_lr[method]
     if method == "posthoc_svd":
         return score
     if method == "svd_training":
@@ -249,7 +274,7 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
     if method == "svd_training":
         init = [f"decompose.init={args.svd_init}"] if scratch else ["decompose.init=svd",
                                                                      f"decompose.dense_checkpoint={dense_state}"]
-        cfg = compress_config(args, seed, *init, f"regularizer.target_macs={budget}",
+        cfg = compress_config(args, seed, *init, *lr_overrides(args, method), f"regularizer.target_macs={budget}",
                               f"regularizer.strength={args.strength}", f"regularizer.target_at={args.target_at}",
                               f"prune.gradual={str(args.gradual).lower()}", f"prune.score={args.rank_score}")
         if args.svd_schedule == "one":  # the whole budget one train stage under one schedule (no restart)
@@ -258,13 +283,14 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
         point = pipeline_point(out, cfg)
     elif method == "posthoc_svd":
         finetune = args.finetune_epochs + (0 if scratch else args.compress_epochs)
-        cfg = compress_config(args, seed, "decompose.init=svd", f"decompose.dense_checkpoint={dense_state}",
+        cfg = compress_config(args, seed, *lr_overrides(args, method), "decompose.init=svd",
+                              f"decompose.dense_checkpoint={dense_state}",
                               "epochs.train=0", f"epochs.finetune={finetune}", f"prune.macs_budget={budget}",
                               f"prune.score={args.rank_score}")
         point = pipeline_point(out, cfg)
     else:
         from_dense = not scratch or method == "filter_pruning_l1"
-        point = loop_point(out, data, compress_config(args, seed), budget, method, args,
+        point = loop_point(out, data, compress_config(args, seed, *lr_overrides(args, method)), budget, method, args,
                            dense_state if from_dense else None)
     point.update(method=method, level=level, seed=seed, regime=args.regime, settings=settings, run_dir=str(out),
                  date=datetime.date.today().isoformat())
@@ -329,6 +355,7 @@ def write_results(args) -> None:
                    "optimizer": "SGD nesterov 0.9, wd 5e-4 (not on s)",
                    "schedule": (f"cosine from {args.lr} (E_c)" if args.regime == "pretrained" else
                                 "one-cycle peak 0.2 (E)") + f", cosine from {args.finetune_lr} (E_f)",
+                   "method_lr": {p["method"]: p["settings"]["lr"] for p in points if "lr" in p.get("settings", {})},
                    "augmentation": "pad-4 random crop + horizontal flip", "label_smoothing": 0.1,
                    "rank_allocation": "prune(macs_budget): per-layer lower convex hull of (MACs, "
                                       f"{'energy' if args.rank_score == 'energy' else 'loss importance'} lost)"},
@@ -373,6 +400,8 @@ def main(argv=None):
     p.add_argument("--finetune-epochs", type=int, default=2, help="E_f")
     p.add_argument("--lr", type=float, default=0.02, help="pretrained: peak lr of E_c (cosine)")
     p.add_argument("--finetune-lr", type=float, default=0.02)
+    p.add_argument("--method-lr", nargs="+", default=[], metavar="METHOD=LR",
+                   help="a method's own peak lr for E_c and E_f (chosen on validation), e.g. svd_training=0.05")
     p.add_argument("--strength", type=float, default=0.005, help="SVD training: the sparsity strength to start from")
     p.add_argument("--target-at", type=float, default=0.5, help="SVD training: where in its training the level is reached")
     p.add_argument("--gradual", action=argparse.BooleanOptionalAction, default=True,
@@ -394,6 +423,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
+    args.method_lr = method_lrs(args.method_lr)
     if args.group_reg is None:
         args.group_reg = 1e-4 if args.regime == "scratch" else 5e-4
     torch.set_num_threads(args.threads)
