@@ -227,19 +227,16 @@ def lr_overrides(args, method: str) -> list[str]:
 
 def method_settings(args, method: str) -> dict:
     """The hyper-parameters of a method that a point records (and a rerun must match)."""
-    score = {"rank_score": args.rank_score} if args.rank_score != "energy" else {}  # earlier points: energy
+    own = {"svd_training": {"strength": args.strength, "target_at": args.target_at, "gradual": args.gradual,
+                            "schedule": args.svd_schedule,
+                            "init": args.svd_init if args.regime == "scratch" else "svd"},
+           "filter_pruning": {"group_reg": args.group_reg},
+           "trp": {"every": args.trp_every, "energy": args.trp_energy, "nuclear": args.trp_nuclear}}.get(method, {})
+    if method in ("svd_training", "posthoc_svd", "trp") and args.rank_score != "energy":  # earlier points: energy
+        own["rank_score"] = args.rank_score
     if method in args.method_lr:
-        score["lr"] = args.method_lr[method]
-    if method == "posthoc_svd":
-        return score
-    if method == "svd_training":
-        return {**score, "strength": args.strength, "target_at": args.target_at, "gradual": args.gradual,
-                "schedule": args.svd_schedule, "init": args.svd_init if args.regime == "scratch" else "svd"}
-    if method == "filter_pruning":
-        return {"group_reg": args.group_reg}
-    if method == "trp":
-        return {**score, "every": args.trp_every, "energy": args.trp_energy, "nuclear": args.trp_nuclear}
-    return {}
+        own["lr"] = args.method_lr[method]
+    return own
 
 
 def check_budget(args) -> None:
