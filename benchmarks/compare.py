@@ -30,8 +30,9 @@ svd_training, posthoc_svd and trp cut to the level (prune.score).
 A held-out validation split (--val-size of the training images) records val_accuracy for
 choosing hyper-parameters; the test set only reports. Every finished point is one JSON file in
 <out>/<result>_points/ (committed with the results; a point there is skipped, one of other
-settings refused), every training phase resumes from its checkpoint under --work, and
---report-only rebuilds the result files from the points record alone.
+settings refused), every training phase resumes from its checkpoint under --work (one run
+directory per point, budget and settings: tuning runs share a work directory and its dense
+model), and --report-only rebuilds the result files from the points record alone.
 
     python benchmarks/compare.py --regime pretrained --levels 33% --seeds 0 1 2
     python benchmarks/compare.py --regime scratch --levels 50% 33% 25% --seeds 0
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import platform
 import shutil
@@ -239,15 +241,18 @@ def method_settings(args, method: str) -> dict:
     return own
 
 
+def budget_of(args) -> dict:
+    """The budget every point of a record shares: epochs, learning rates, validation split."""
+    return {"regime": args.regime, "val_size": args.val_size, "finetune_epochs": args.finetune_epochs,
+            "finetune_lr": args.finetune_lr,
+            **({"dense_epochs": args.dense_epochs, "compress_epochs": args.compress_epochs, "lr": args.lr}
+               if args.regime == "pretrained" else {"train_epochs": args.train_epochs})}
+
+
 def check_budget(args) -> None:
-    """Every point of a record shares one budget (epochs, learning rates, validation split): the
-    first run writes it to budget.json (a report writes nothing), and a run or report with another
-    is refused, so that points of different budgets never meet in one table."""
-    pretrained = args.regime == "pretrained"
-    budget = {"regime": args.regime, "val_size": args.val_size, "finetune_epochs": args.finetune_epochs,
-              "finetune_lr": args.finetune_lr,
-              **({"dense_epochs": args.dense_epochs, "compress_epochs": args.compress_epochs, "lr": args.lr}
-                 if pretrained else {"train_epochs": args.train_epochs})}
+    """The first run writes the record's budget to budget.json (a report writes nothing), and a run
+    or report with another is refused, so that points of different budgets never meet in one table."""
+    budget = budget_of(args)
     path = record_dir(args) / "budget.json"
     if not path.exists():
         if not args.report_only:
@@ -255,6 +260,14 @@ def check_budget(args) -> None:
     elif (recorded := json.loads(path.read_text())) != budget:
         diff = ", ".join(f"{k} {recorded.get(k)} (asked {v})" for k, v in budget.items() if recorded.get(k) != v)
         raise SystemExit(f"{path}: the record was made with another budget: {diff}; use another --out")
+
+
+def run_dir(work: Path, point: Path, args, settings: dict) -> Path:
+    """A point's run directory, keyed by its budget and settings: runs of other values share a
+    work directory (and its dense model) without resuming each other's checkpoints (the loop
+    baselines' checkpoints carry no config that a resume could check)."""
+    key = json.dumps({"budget": budget_of(args), "settings": settings}, sort_keys=True)
+    return work / f"{point.stem}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
 def run_point(args, work: Path, data, method: str, level: str, seed: int) -> None:
@@ -266,7 +279,7 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
         return
     dense_state = dense_dir(args, work, seed) / "model_state.pt"
     budget = LEVELS[level]
-    out = work / f"{method}_{level.rstrip('%')}_s{seed}"
+    out = run_dir(work, path, args, settings)
     scratch = args.regime == "scratch"
     if method == "svd_training":
         init = [f"decompose.init={args.svd_init}"] if scratch else ["decompose.init=svd",

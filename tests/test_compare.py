@@ -41,7 +41,7 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
     for p in result["points"]:
         assert p["level"] == "50%" and p["seed"] == 0 and 0 <= p["accuracy"] <= 1
         assert p["macs"] <= 0.5 * dense["macs"], p["method"]
-        run = tmp_path / "work" / f"{p['method']}_50_s0"
+        (run,) = (tmp_path / "work").glob(f"{p['method']}_50_s0_*")  # keyed by budget and settings
         rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
         stages = ["train", "finetune"]  # one epoch each
         if p["method"] in ("posthoc_svd", "filter_pruning_l1"):  # no training: from a trained model, 2 fine-tunes
@@ -149,12 +149,19 @@ def test_a_method_takes_its_own_learning_rate(tmp_path):
     points = {p["method"]: p for p in json.loads((tmp_path / "out" / "compress_pretrained.json").read_text())["points"]}
     assert points["posthoc_svd"]["settings"]["lr"] == 0.05 and points["filter_pruning_l1"]["settings"]["lr"] == 0.08
     import torch
-    optim = torch.load(tmp_path / "work" / "posthoc_svd_50_s0" / "checkpoint.pt", weights_only=True)["config"]["optim"]
+    (posthoc,) = (tmp_path / "work").glob("posthoc_svd_50_s0_*")
+    optim = torch.load(posthoc / "checkpoint.pt", weights_only=True)["config"]["optim"]
     assert optim["finetune_lr"] == 0.05 and optim["lr"] == 0.05
-    rows = [json.loads(r) for r in (tmp_path / "work" / "filter_pruning_l1_50_s0" / "metrics.jsonl").read_text().splitlines()]
+    (l1,) = (tmp_path / "work").glob("filter_pruning_l1_50_s0_*")
+    rows = [json.loads(r) for r in (l1 / "metrics.jsonl").read_text().splitlines()]
     assert max(r["lr"] for r in rows if "lr" in r) > 0.02  # cosine from 0.08 (0.02 would end epoch 1 at 0.01)
     named = "(chosen on validation; the budget's for the rest): posthoc_svd 0.05, filter_pruning_l1 0.08."
     assert named in (tmp_path / "out" / "compress_pretrained.md").read_text()
+    # The budget's lr in the same work directory is a run of its own, not a resume of the 0.05 one.
+    res = subprocess.run(args[:-2] + ["posthoc_svd", "--out", str(tmp_path / "out_budget_lr")], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(list((tmp_path / "work").glob("posthoc_svd_50_s0_*"))) == 2
     for bad in ("posthoc=0.05", "trp=fast", "trp=-1"):
         res = subprocess.run(args + ["--method-lr", bad], capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and "--method-lr" in res.stderr and "Traceback" not in res.stderr, bad
