@@ -413,12 +413,15 @@ def main(argv=None):
     p.add_argument("--method-lr", nargs="+", default=[], metavar="METHOD=LR",
                    help="a method's own peak lr for E_c and E_f (chosen on validation), e.g. svd_training=0.05")
     p.add_argument("--strength", type=float, default=0.005, help="SVD training: the sparsity strength to start from")
-    p.add_argument("--target-at", type=float, default=0.5, help="SVD training: where in its training the level is reached")
+    p.add_argument("--target-at", type=float, default=None,
+                   help="SVD training: where in its training the level is reached (default: from scratch 0.5; "
+                        "for a trained model 0.17, chosen on validation)")
     p.add_argument("--gradual", action=argparse.BooleanOptionalAction, default=True,
                    help="SVD training: mask values along the schedule (prune.gradual)")
-    p.add_argument("--svd-schedule", choices=("split", "one"), default="split",
+    p.add_argument("--svd-schedule", choices=("split", "one"), default=None,
                    help="SVD training: train + fine-tune (split), or both as one train stage under one schedule "
-                        "(one; --target-at is then a fraction of all of it)")
+                        "(one; --target-at is then a fraction of all of it). Default: from scratch split; for a "
+                        "trained model one, chosen on validation")
     p.add_argument("--svd-init", choices=("dense_init", "random", "random_scaled"), default="random_scaled",
                    help="scratch: SVD training's init (the init study compares them on the validation split)")
     p.add_argument("--group-reg", type=float, default=None,
@@ -434,8 +437,13 @@ def main(argv=None):
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     args.method_lr = method_lrs(args.method_lr)
+    scratch = args.regime == "scratch"  # each regime's recipe as chosen on its validation split
     if args.group_reg is None:
-        args.group_reg = 1e-4 if args.regime == "scratch" else 5e-4
+        args.group_reg = 1e-4 if scratch else 5e-4
+    if args.svd_schedule is None:
+        args.svd_schedule = "split" if scratch else "one"
+    if args.target_at is None:
+        args.target_at = 0.5 if scratch else 0.17
     torch.set_num_threads(args.threads)
     work = Path(args.work or HERE / "work" / args.regime)
     work.mkdir(parents=True, exist_ok=True)
