@@ -23,10 +23,10 @@ Methods (the same augmentation, batch, optimizer family in both regimes):
   filter_pruning_l1  one-shot global L1 filter pruning of the dense model, fine-tune
   trp                TRP training, prune to the level, fine-tune E_f (orthogonality on, as every
                      SVD-form model)
---method-lr METHOD=LR gives a method its own peak learning rate (E_c and E_f alike), the value
-chosen for it on the validation split; its points record it, the budget's --lr stays every other's.
 --rank-score loss ranks singular values by loss importance instead of energy share wherever
-svd_training, posthoc_svd and trp cut to the level (prune.score).
+svd_training, posthoc_svd and trp cut to the level (prune.score). A method's own values, chosen
+on the validation split: --method-lr METHOD=LR (peak lr of E_c and E_f; the budget's --lr stays
+every other's) and --method-rank-score METHOD=RULE; its points record them.
 A held-out validation split (--val-size of the training images) records val_accuracy for
 choosing hyper-parameters; the test set only reports. Every finished point is one JSON file in
 <out>/<result>_points/ (committed with the results; a point there is skipped, one of other
@@ -66,6 +66,7 @@ CONFIG = HERE.parent / "configs" / "cifar10_resnet20.yaml"
 DENSE_RUN = HERE / "results" / "pretrained_dense"  # the dense model the pretrained regime starts from
 LEVELS = {"50%": 0.50, "33%": 0.33, "25%": 0.25}
 METHODS = ("svd_training", "posthoc_svd", "filter_pruning", "filter_pruning_l1", "trp")
+SVD_METHODS = ("svd_training", "posthoc_svd", "trp")  # the ones that cut singular values to the level
 RESULT = {"pretrained": "compress_pretrained", "scratch": "compare_cifar10"}
 SHAPE = (1, 3, 32, 32)
 
@@ -187,7 +188,7 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Pat
         rows = fit(model, data, cfg, e_c, stage="train", quiet=True, checkpoint=out / "train.pt",
                    on_backward=lambda m: trp.regularize(), on_step=after_step)
         trained = accuracies(model, data, cfg)["accuracy"]
-        if args.rank_score == "loss":  # convert at full rank, then cut as the SVD methods do
+        if rank_score(args, method) == "loss":  # convert at full rank, then cut as the SVD methods do
             trp.to_svd_model(keep_energy=1.0)
             svdtrain.prune(model, macs_budget=level, input_shape=SHAPE, scores=loss_scores(model, data, cfg))
         else:
@@ -206,19 +207,28 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Pat
             "seconds": sum(r["seconds"] for r in rows)}  # training epochs, from the checkpoints: a resume keeps it
 
 
-def method_lrs(pairs: list[str]) -> dict:
-    """--method-lr's METHOD=LR pairs as {method: lr}; a malformed pair is a one-line error."""
-    lrs = {}
+def per_method(pairs: list[str], flag: str, parse, methods=METHODS) -> dict:
+    """METHOD=VALUE pairs as {method: parse(VALUE)}; a malformed pair (parse gives None) is a
+    one-line error."""
+    out = {}
     for pair in pairs:
-        method, _, value = pair.partition("=")
-        try:
-            lrs[method] = float(value)
-        except ValueError:
-            lrs[method] = -1.0
-        if method not in METHODS or not lrs[method] > 0:
-            raise SystemExit(f"--method-lr {pair}: expected METHOD=LR with METHOD one of {', '.join(METHODS)} "
-                             "and LR > 0")
-    return lrs
+        method, _, raw = pair.partition("=")
+        out[method] = parse(raw)
+        if method not in methods or out[method] is None:
+            raise SystemExit(f"{flag} {pair}: expected METHOD=VALUE with METHOD one of {', '.join(methods)}")
+    return out
+
+
+def positive_float(raw: str) -> float | None:
+    try:
+        return float(raw) if float(raw) > 0 else None
+    except ValueError:
+        return None
+
+
+def rank_score(args, method: str) -> str:
+    """How a method ranks singular values where it cuts to the level: --method-rank-score, else --rank-score."""
+    return args.method_rank_score.get(method, args.rank_score)
 
 
 def lr_overrides(args, method: str) -> list[str]:
@@ -234,8 +244,8 @@ def method_settings(args, method: str) -> dict:
                             "init": args.svd_init if args.regime == "scratch" else "svd"},
            "filter_pruning": {"group_reg": args.group_reg},
            "trp": {"every": args.trp_every, "energy": args.trp_energy, "nuclear": args.trp_nuclear}}.get(method, {})
-    if method in ("svd_training", "posthoc_svd", "trp") and args.rank_score != "energy":  # earlier points: energy
-        own["rank_score"] = args.rank_score
+    if method in SVD_METHODS and rank_score(args, method) != "energy":  # earlier points: energy, unrecorded
+        own["rank_score"] = rank_score(args, method)
     if method in args.method_lr:
         own["lr"] = args.method_lr[method]
     return own
@@ -286,7 +296,7 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
                                                                      f"decompose.dense_checkpoint={dense_state}"]
         cfg = compress_config(args, seed, *init, *lr_overrides(args, method), f"regularizer.target_macs={budget}",
                               f"regularizer.strength={args.strength}", f"regularizer.target_at={args.target_at}",
-                              f"prune.gradual={str(args.gradual).lower()}", f"prune.score={args.rank_score}")
+                              f"prune.gradual={str(args.gradual).lower()}", f"prune.score={rank_score(args, method)}")
         if args.svd_schedule == "one":  # the whole budget one train stage under one schedule (no restart)
             cfg = load_config(None, [f"epochs.train={cfg['epochs']['train'] + cfg['epochs']['finetune']}",
                                      "epochs.finetune=0"], base=cfg)
@@ -296,7 +306,7 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
         cfg = compress_config(args, seed, *lr_overrides(args, method), "decompose.init=svd",
                               f"decompose.dense_checkpoint={dense_state}",
                               "epochs.train=0", f"epochs.finetune={finetune}", f"prune.macs_budget={budget}",
-                              f"prune.score={args.rank_score}")
+                              f"prune.score={rank_score(args, method)}")
         point = pipeline_point(out, cfg)
     else:
         from_dense = not scratch or method == "filter_pruning_l1"
@@ -335,6 +345,14 @@ def measured_on(points: list[dict], previous: Path) -> str:
     return max(dates, default="") or datetime.date.today().isoformat()
 
 
+def rank_allocation(points: list[dict]) -> str:
+    """How the record's SVD-form points chose their ranks (the rule each point's settings name)."""
+    loss = sorted({p["method"] for p in points if p.get("settings", {}).get("rank_score") == "loss"})
+    rest = sorted({p["method"] for p in points if p["method"] in SVD_METHODS} - set(loss))
+    rule = "energy" if not loss else "loss importance" if not rest else f"energy; loss importance for {', '.join(loss)}"
+    return f"prune(macs_budget): per-layer lower convex hull of (MACs, score lost); score: {rule}"
+
+
 def write_results(args) -> None:
     points, denses = load_points(args), dense_summaries(args)
     if not points:  # never replace results by an empty table
@@ -367,8 +385,7 @@ def write_results(args) -> None:
                                 "one-cycle peak 0.2 (E)") + f", cosine from {args.finetune_lr} (E_f)",
                    "method_lr": {p["method"]: p["settings"]["lr"] for p in points if "lr" in p.get("settings", {})},
                    "augmentation": "pad-4 random crop + horizontal flip", "label_smoothing": 0.1,
-                   "rank_allocation": "prune(macs_budget): per-layer lower convex hull of (MACs, "
-                                      f"{'energy' if args.rank_score == 'energy' else 'loss importance'} lost)"},
+                   "rank_allocation": rank_allocation(points)},
         "dense": dense,
         "points": [{k: p.get(k) for k in ("method", "level", "seed", "macs", "accuracy", "val_accuracy",
                                           "accuracy_trained", "accuracy_before_finetune", "macs_at_threshold_trained",
@@ -428,7 +445,9 @@ def main(argv=None):
                    help="filter_pruning: group-norm weight (default: from scratch 1e-4, chosen on validation; "
                         "for a trained model 5e-4, Torch-Pruning's CIFAR default)")
     p.add_argument("--rank-score", choices=("energy", "loss"), default="energy",
-                   help="svd_training and posthoc_svd: rank singular values by energy share or loss importance")
+                   help="svd_training, posthoc_svd and trp: rank singular values by energy share or loss importance")
+    p.add_argument("--method-rank-score", nargs="+", default=[], metavar="METHOD=RULE",
+                   help="a method's own rule (energy or loss), chosen on validation, e.g. posthoc_svd=loss")
     p.add_argument("--trp-every", type=int, default=20)
     p.add_argument("--trp-energy", type=float, default=0.98)
     p.add_argument("--trp-nuclear", type=float, default=3e-4)
@@ -436,7 +455,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
-    args.method_lr = method_lrs(args.method_lr)
+    args.method_lr = per_method(args.method_lr, "--method-lr", positive_float)
+    args.method_rank_score = per_method(args.method_rank_score, "--method-rank-score",
+                                        lambda raw: raw if raw in ("energy", "loss") else None, SVD_METHODS)
     scratch = args.regime == "scratch"  # each regime's recipe as chosen on its validation split
     if args.group_reg is None:
         args.group_reg = 1e-4 if scratch else 5e-4

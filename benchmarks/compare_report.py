@@ -34,11 +34,11 @@ def summary_table(points: list[dict], dense: dict, regime: str, levels, methods)
             lines.append(f"| {level} | {method} | {len(ps)} | {mean_std([100 * p['accuracy'] for p in ps])} "
                          f"| {mean_std([100 * p['val_accuracy'] for p in ps])} "
                          f"| {100 * statistics.mean(p['macs'] for p in ps) / dense['macs']:.1f}% | {before:.2f} |")
-    own = {m: sorted({p["settings"]["lr"] for p in points if p["method"] == m and "lr" in p.get("settings", {})})
-           for m in methods}
-    if any(own.values()):
-        lines += ["", "Peak learning rate of its own for E_c and E_f (chosen on validation; the budget's for the "
-                      "rest): " + ", ".join(f"{m} {'/'.join(map(str, lrs))}" for m, lrs in own.items() if lrs) + "."]
+    own = [f"{m} {label} {value}" for m in methods for key, label in (("lr", "lr"), ("rank_score", "rank score"))
+           for value in sorted({p["settings"][key] for p in points if p["method"] == m and key in p.get("settings", {})})]
+    if own:
+        lines += ["", "Settings of a method's own, chosen on validation (peak lr for E_c and E_f; the budget's lr and "
+                      "the energy rule for the rest): " + ", ".join(own) + "."]
     if any(p["method"] == "svd_training" and p["settings"].get("schedule") == "one" for p in points):
         lines += ["", "SVD training under one schedule has no separate fine-tuning: its budget is one train "
                       "stage that ends at the level, so its 'before fine-tune' is its final accuracy."]

@@ -103,7 +103,8 @@ def test_scratch_svd_training_alone_needs_no_dense_model(tmp_path):
 
 
 def test_trp_cuts_by_loss_importance_when_asked(tmp_path):
-    """--rank-score loss reaches TRP's cut to the level too, and its point records the rule."""
+    """--rank-score loss reaches TRP's cut to the level too, and its point records the rule; a method
+    takes a rule of its own with --method-rank-score."""
     write_fake_cifar(tmp_path / "data", n_train=256, n_test=100)
     out = tmp_path / "out"
     args = [sys.executable, str(SCRIPT), "--regime", "pretrained", "--data-dir", str(tmp_path / "data"),
@@ -115,7 +116,19 @@ def test_trp_cuts_by_loss_importance_when_asked(tmp_path):
     result = json.loads((out / "compress_pretrained.json").read_text())
     (point,) = result["points"]
     assert point["settings"]["rank_score"] == "loss" and point["macs"] <= 0.33 * result["dense"]["macs"]
-    assert "loss importance" in result["budget"]["rank_allocation"]
+    assert result["budget"]["rank_allocation"].endswith("score: loss importance")
+    # A rule of a method's own: post-hoc SVD by loss, SVD training by the record's energy rule.
+    base = args[:args.index("--methods")]
+    res = subprocess.run(base + ["--methods", "posthoc_svd", "svd_training", "--method-rank-score", "posthoc_svd=loss"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((out / "compress_pretrained.json").read_text())
+    rules = {p["method"]: p["settings"].get("rank_score", "energy") for p in result["points"]}
+    assert rules == {"trp": "loss", "posthoc_svd": "loss", "svd_training": "energy"}
+    assert result["budget"]["rank_allocation"].endswith("score: energy; loss importance for posthoc_svd, trp")
+    assert "posthoc_svd rank score loss, trp rank score loss." in (out / "compress_pretrained.md").read_text()
+    res = subprocess.run(base + ["--method-rank-score", "filter_pruning=loss"], capture_output=True, text=True)
+    assert res.returncode != 0 and "--method-rank-score filter_pruning=loss" in res.stderr
 
 
 def test_a_trained_dense_model_serves_other_learning_rates(tmp_path):
@@ -157,7 +170,7 @@ def test_a_method_takes_its_own_learning_rate(tmp_path):
     (l1,) = (tmp_path / "work").glob("filter_pruning_l1_50_s0_*")
     rows = [json.loads(r) for r in (l1 / "metrics.jsonl").read_text().splitlines()]
     assert max(r["lr"] for r in rows if "lr" in r) > 0.02  # cosine from 0.08 (0.02 would end epoch 1 at 0.01)
-    named = "(chosen on validation; the budget's for the rest): posthoc_svd 0.05, filter_pruning_l1 0.08."
+    named = "the energy rule for the rest): posthoc_svd lr 0.05, filter_pruning_l1 lr 0.08."
     assert named in (tmp_path / "out" / "compress_pretrained.md").read_text()
     # The budget's lr in the same work directory is a run of its own, not a resume of the 0.05 one.
     res = subprocess.run(args[:-2] + ["posthoc_svd", "--out", str(tmp_path / "out_budget_lr")], capture_output=True,
