@@ -410,7 +410,8 @@ def write_results(args) -> None:
     print("\n".join(table))
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with each regime's defaults filled in."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--regime", choices=tuple(RESULT), default="pretrained")
     p.add_argument("--data-dir", default=str(Path.home() / ".cache" / "cifar10"))
@@ -465,6 +466,11 @@ def main(argv=None):
         args.svd_schedule = "split" if scratch else "one"
     if args.target_at is None:
         args.target_at = 0.5 if scratch else 0.17
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work or HERE / "work" / args.regime)
     work.mkdir(parents=True, exist_ok=True)
