@@ -4,7 +4,8 @@
 #                                                 overrides go to both runs (e.g. epochs.train=30 to fit a time slot)
 #   benchmarks/gpu_full.sh --smoke               # the same commands on CPU, tiny data, < 1 min
 #   benchmarks/gpu_full.sh compress DATA_DIR [OUT_DIR] [compare.py options]
-#                                                 # compress a trained model, every method, 3 seeds at 33%
+#                                                 # compress a trained model, every method, 3 seeds at 33%,
+#                                                 # each method's settings as chosen on validation on the CPU budget
 #   benchmarks/gpu_full.sh scratch DATA_DIR [OUT_DIR] [compare.py options]
 #                                                 # from scratch, every method, 3 levels x 3 seeds
 # Resumable: rerun the same command after an interruption.
@@ -33,7 +34,8 @@ if [ "${1:-}" = "compress" ] || [ "${1:-}" = "scratch" ]; then
   nvidia-smi --query-gpu=name --format=csv,noheader > "$out/device.txt" || true
   if [ "$mode" = compress ]; then
     $PY benchmarks/compare.py --regime pretrained --device cuda --data-dir "$data" --work "$out/work" --out "$out" \
-      --dense-epochs 40 --compress-epochs 8 --finetune-epochs 4 --levels 33% --seeds 0 1 2 "$@"
+      --dense-epochs 40 --compress-epochs 8 --finetune-epochs 4 --levels 33% --seeds 0 1 2 \
+      --method-lr svd_training=0.05 filter_pruning_l1=0.05 --method-rank-score posthoc_svd=loss "$@"
   else
     $PY benchmarks/compare.py --regime scratch --device cuda --data-dir "$data" --work "$out/work" --out "$out" \
       --levels 50% 33% 25% --seeds 0 1 2 "$@"
