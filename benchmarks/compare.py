@@ -39,7 +39,6 @@ model), and --report-only rebuilds the result files from the points record alone
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -59,15 +58,14 @@ from svdtrain.loader import BatchLoader
 from svdtrain.models import build_model
 from svdtrain.train import Run, run_dataset
 
-from compare_report import plot, read_points, stages_table, summary_table  # benchmarks/ is on sys.path when run as a script
+# benchmarks/ is on sys.path when run as a script
+from compare_report import plot, read_points, stages_table, summary_table
+from compare_settings import (LEVELS, METHODS, RESULT, SVD_METHODS, budget_of, lr_overrides, method_settings,
+                              parse_args, rank_score)
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "cifar10_resnet20.yaml"
 DENSE_RUN = HERE / "results" / "pretrained_dense"  # the dense model the pretrained regime starts from
-LEVELS = {"50%": 0.50, "33%": 0.33, "25%": 0.25}
-METHODS = ("svd_training", "posthoc_svd", "filter_pruning", "filter_pruning_l1", "trp")
-SVD_METHODS = ("svd_training", "posthoc_svd", "trp")  # the ones that cut singular values to the level
-RESULT = {"pretrained": "compress_pretrained", "scratch": "compare_cifar10"}
 SHAPE = (1, 3, 32, 32)
 
 
@@ -205,58 +203,6 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Pat
             "accuracy_trained": trained, "accuracy_before_finetune": before,
             "params": svdtrain.count_params(model),
             "seconds": sum(r["seconds"] for r in rows)}  # training epochs, from the checkpoints: a resume keeps it
-
-
-def per_method(pairs: list[str], flag: str, parse, methods=METHODS) -> dict:
-    """METHOD=VALUE pairs as {method: parse(VALUE)}; a malformed pair (parse gives None) is a
-    one-line error."""
-    out = {}
-    for pair in pairs:
-        method, _, raw = pair.partition("=")
-        out[method] = parse(raw)
-        if method not in methods or out[method] is None:
-            raise SystemExit(f"{flag} {pair}: expected METHOD=VALUE with METHOD one of {', '.join(methods)}")
-    return out
-
-
-def positive_float(raw: str) -> float | None:
-    try:
-        return float(raw) if float(raw) > 0 else None
-    except ValueError:
-        return None
-
-
-def rank_score(args, method: str) -> str:
-    """How a method ranks singular values where it cuts to the level: --method-rank-score, else --rank-score."""
-    return args.method_rank_score.get(method, args.rank_score)
-
-
-def lr_overrides(args, method: str) -> list[str]:
-    """A method's own peak learning rate (--method-lr), for compression-time training and fine-tuning."""
-    lr = args.method_lr.get(method)
-    return [] if lr is None else [f"optim.lr={lr}", f"optim.finetune_lr={lr}"]
-
-
-def method_settings(args, method: str) -> dict:
-    """The hyper-parameters of a method that a point records (and a rerun must match)."""
-    own = {"svd_training": {"strength": args.strength, "target_at": args.target_at, "gradual": args.gradual,
-                            "schedule": args.svd_schedule,
-                            "init": args.svd_init if args.regime == "scratch" else "svd"},
-           "filter_pruning": {"group_reg": args.group_reg},
-           "trp": {"every": args.trp_every, "energy": args.trp_energy, "nuclear": args.trp_nuclear}}.get(method, {})
-    if method in SVD_METHODS and rank_score(args, method) != "energy":  # earlier points: energy, unrecorded
-        own["rank_score"] = rank_score(args, method)
-    if method in args.method_lr:
-        own["lr"] = args.method_lr[method]
-    return own
-
-
-def budget_of(args) -> dict:
-    """The budget every point of a record shares: epochs, learning rates, validation split."""
-    return {"regime": args.regime, "val_size": args.val_size, "finetune_epochs": args.finetune_epochs,
-            "finetune_lr": args.finetune_lr,
-            **({"dense_epochs": args.dense_epochs, "compress_epochs": args.compress_epochs, "lr": args.lr}
-               if args.regime == "pretrained" else {"train_epochs": args.train_epochs})}
 
 
 def check_budget(args) -> None:
@@ -410,67 +356,8 @@ def write_results(args) -> None:
     print("\n".join(table))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The command line, with each regime's defaults filled in."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--regime", choices=tuple(RESULT), default="pretrained")
-    p.add_argument("--data-dir", default=str(Path.home() / ".cache" / "cifar10"))
-    p.add_argument("--work", default=None, help="run directories (default: work/<regime>)")
-    p.add_argument("--out", default=str(HERE / "results"),
-                   help="result files, and beside them the record of finished points (<result>_points/)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--levels", nargs="+", default=["33%"], choices=list(LEVELS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--val-size", type=int, default=5000)
-    p.add_argument("--dense-epochs", type=int, default=20, help="pretrained: the dense model's training")
-    p.add_argument("--compress-epochs", type=int, default=4, help="pretrained: E_c")
-    p.add_argument("--train-epochs", type=int, default=10, help="scratch: E")
-    p.add_argument("--finetune-epochs", type=int, default=2, help="E_f")
-    p.add_argument("--lr", type=float, default=0.02, help="pretrained: peak lr of E_c (cosine)")
-    p.add_argument("--finetune-lr", type=float, default=0.02)
-    p.add_argument("--method-lr", nargs="+", default=[], metavar="METHOD=LR",
-                   help="a method's own peak lr for E_c and E_f (chosen on validation), e.g. svd_training=0.05")
-    p.add_argument("--strength", type=float, default=0.005, help="SVD training: the sparsity strength to start from")
-    p.add_argument("--target-at", type=float, default=None,
-                   help="SVD training: where in its training the level is reached (default: from scratch 0.5; "
-                        "for a trained model 0.17, chosen on validation)")
-    p.add_argument("--gradual", action=argparse.BooleanOptionalAction, default=True,
-                   help="SVD training: mask values along the schedule (prune.gradual)")
-    p.add_argument("--svd-schedule", choices=("split", "one"), default=None,
-                   help="SVD training: train + fine-tune (split), or both as one train stage under one schedule "
-                        "(one; --target-at is then a fraction of all of it). Default: from scratch split; for a "
-                        "trained model one, chosen on validation")
-    p.add_argument("--svd-init", choices=("dense_init", "random", "random_scaled"), default="random_scaled",
-                   help="scratch: SVD training's init (the init study compares them on the validation split)")
-    p.add_argument("--group-reg", type=float, default=None,
-                   help="filter_pruning: group-norm weight (default: from scratch 1e-4, chosen on validation; "
-                        "for a trained model 5e-4, Torch-Pruning's CIFAR default)")
-    p.add_argument("--rank-score", choices=("energy", "loss"), default="energy",
-                   help="svd_training, posthoc_svd and trp: rank singular values by energy share or loss importance")
-    p.add_argument("--method-rank-score", nargs="+", default=[], metavar="METHOD=RULE",
-                   help="a method's own rule (energy or loss), chosen on validation, e.g. posthoc_svd=loss")
-    p.add_argument("--trp-every", type=int, default=20)
-    p.add_argument("--trp-energy", type=float, default=0.98)
-    p.add_argument("--trp-nuclear", type=float, default=3e-4)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--report-only", action="store_true")
-    args = p.parse_args(argv)
-    args.method_lr = per_method(args.method_lr, "--method-lr", positive_float)
-    args.method_rank_score = per_method(args.method_rank_score, "--method-rank-score",
-                                        lambda raw: raw if raw in ("energy", "loss") else None, SVD_METHODS)
-    scratch = args.regime == "scratch"  # each regime's recipe as chosen on its validation split
-    if args.group_reg is None:
-        args.group_reg = 1e-4 if scratch else 5e-4
-    if args.svd_schedule is None:
-        args.svd_schedule = "split" if scratch else "one"
-    if args.target_at is None:
-        args.target_at = 0.5 if scratch else 0.17
-    return args
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     torch.set_num_threads(args.threads)
     work = Path(args.work or HERE / "work" / args.regime)
     work.mkdir(parents=True, exist_ok=True)
