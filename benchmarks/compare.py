@@ -329,7 +329,6 @@ def write_results(args) -> None:
                    "optimizer": "SGD nesterov 0.9, wd 5e-4 (not on s)",
                    "schedule": (f"cosine from {args.lr} (E_c)" if args.regime == "pretrained" else
                                 "one-cycle peak 0.2 (E)") + f", cosine from {args.finetune_lr} (E_f)",
-                   "method_lr": {p["method"]: p["settings"]["lr"] for p in points if "lr" in p.get("settings", {})},
                    "augmentation": "pad-4 random crop + horizontal flip", "label_smoothing": 0.1,
                    "rank_allocation": rank_allocation(points)},
         "dense": dense,

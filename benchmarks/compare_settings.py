@@ -27,9 +27,10 @@ def per_method(pairs: list[str], flag: str, parse, methods=METHODS) -> dict:
 
 def positive_float(raw: str) -> float | None:
     try:
-        return float(raw) if float(raw) > 0 else None
+        value = float(raw)
     except ValueError:
         return None
+    return value if value > 0 else None
 
 
 def rank_score(args, method: str) -> str:
@@ -50,8 +51,8 @@ def method_settings(args, method: str) -> dict:
                             "init": args.svd_init if args.regime == "scratch" else "svd"},
            "filter_pruning": {"group_reg": args.group_reg},
            "trp": {"every": args.trp_every, "energy": args.trp_energy, "nuclear": args.trp_nuclear}}.get(method, {})
-    if method in SVD_METHODS and rank_score(args, method) != "energy":  # earlier points: energy, unrecorded
-        own["rank_score"] = rank_score(args, method)
+    if method in SVD_METHODS and (rule := rank_score(args, method)) != "energy":  # earlier points: energy, unrecorded
+        own["rank_score"] = rule
     if method in args.method_lr:
         own["lr"] = args.method_lr[method]
     return own

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from svdtrain.data import write_fake_cifar
 
@@ -163,7 +164,6 @@ def test_a_method_takes_its_own_learning_rate(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     points = {p["method"]: p for p in json.loads((tmp_path / "out" / "compress_pretrained.json").read_text())["points"]}
     assert points["posthoc_svd"]["settings"]["lr"] == 0.05 and points["filter_pruning_l1"]["settings"]["lr"] == 0.08
-    import torch
     (posthoc,) = (tmp_path / "work").glob("posthoc_svd_50_s0_*")
     optim = torch.load(posthoc / "checkpoint.pt", weights_only=True)["config"]["optim"]
     assert optim["finetune_lr"] == 0.05 and optim["lr"] == 0.05
