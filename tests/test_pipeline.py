@@ -1,5 +1,6 @@
 """The CLI pipeline end to end on tiny generated CIFAR-format data."""
 import copy
+import hashlib
 import json
 import os
 import signal
@@ -252,6 +253,8 @@ def test_dense_run_then_svd_init_from_its_checkpoint(tiny, tmp_path):
         # svd init computes what the dense model computes: the same accuracy, before any training
         assert s["dense_accuracy"] == pytest.approx(d["accuracy"], abs=1e-9)
         assert s["macs"] <= 0.5 * s["dense_macs"]
+        info = torch.load(svd / "checkpoint.pt", weights_only=True)["info"]
+        assert info["dense_checkpoint_sha256"] == hashlib.sha256((dense / "model_state.pt").read_bytes()).hexdigest()
 
 
 def test_kill_during_first_checkpoint_write_still_resumes(tiny, tmp_path):
@@ -332,3 +335,27 @@ def test_dense_run_resumes_when_an_unread_decompose_setting_changed(finished):
         else:
             Run._merge_config(s, new)
             assert s["config"]["decompose"]["init"] == "random_scaled"
+
+
+def test_svd_init_run_resumes_from_a_copy_of_its_dense_checkpoint(finished, tmp_path):
+    state = torch.load(finished / "checkpoint.pt", weights_only=True)
+    state["config"] = with_defaults(state["config"])
+    first, copy_, other = tmp_path / "a.pt", tmp_path / "moved" / "a.pt", tmp_path / "b.pt"
+    first.write_bytes(b"dense weights")
+    copy_.parent.mkdir()
+    copy_.write_bytes(b"dense weights")
+    other.write_bytes(b"other weights")
+    old = copy.deepcopy(state["config"])
+    old["decompose"].update(enabled=True, init="svd", dense_checkpoint=str(first))
+    digest = hashlib.sha256(b"dense weights").hexdigest()
+    for info in ({"dense_checkpoint_sha256": digest}, {}):  # recorded, or read from the old path
+        for path, refused in ((copy_, False), (other, True)):
+            new = copy.deepcopy(old)
+            new["decompose"]["dense_checkpoint"] = str(path)
+            s = dict(state, config=copy.deepcopy(old), info=dict(info), done=["orth"])
+            if refused:
+                with pytest.raises(RunError, match="decompose.dense_checkpoint"):
+                    Run._merge_config(s, new)
+            else:
+                Run._merge_config(s, new)
+                assert s["config"]["decompose"]["dense_checkpoint"] == str(path)

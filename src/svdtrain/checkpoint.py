@@ -1,6 +1,7 @@
 """Crash-safe files and RNG state: what lets a killed run resume to the identical result."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -8,6 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def file_digest(path: str | Path) -> str | None:
+    """SHA-256 of a file's bytes (None if it is not a file): a run recognises its dense
+    checkpoint by content, so a copy at another path resumes it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def rng_state() -> dict:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import config as config_mod
-from .checkpoint import atomic_save, set_rng_state, write_metrics
+from .checkpoint import atomic_save, file_digest, set_rng_state, write_metrics
 from .data import load_dataset
 from .decompose import decompose
 from .distributed import setup_distributed
@@ -124,6 +124,13 @@ class Run(Stages):
     @staticmethod
     def _merge_config(state, cfg):
         changed = config_mod.diff(state["config"], cfg)
+        # The dense checkpoint is named by path; the run is tied to its content, so the same
+        # bytes at another path (a moved or copied work directory) is no change.
+        key, old = "decompose.dense_checkpoint", state["config"]["decompose"]["dense_checkpoint"]
+        if key in changed:
+            new = file_digest(cfg["decompose"]["dense_checkpoint"])
+            if new is not None and new == state["info"].get("dense_checkpoint_sha256", file_digest(old)):
+                changed.remove(key)
         done = set(state["done"]) | ({state["stage"]} if state["epoch"] else set())
         locked = [k for k in changed if config_mod.key_stage(k) in done
                   and (config_mod.read_by(k, state["config"]) or config_mod.read_by(k, cfg))]
@@ -155,6 +162,8 @@ class Run(Stages):
             info["dense_macs"] = count_macs(model, self.shape, cost="dense")
             info["dense_params"] = count_params(model, cost="dense")
             info["layer_shapes"] = {n: [l.rows, l.cols] for n, l in svd_layers(model)}
+            if cfg["decompose"]["enabled"] and cfg["decompose"]["init"] == "svd":
+                info["dense_checkpoint_sha256"] = file_digest(cfg["decompose"]["dense_checkpoint"])
         else:
             model.load_state_dict(self.state["model"])
         self.model = model.to(self.device)
