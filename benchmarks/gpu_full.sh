@@ -35,7 +35,7 @@ if [ "${1:-}" = "compress" ] || [ "${1:-}" = "scratch" ]; then
   if [ "$mode" = compress ]; then
     $PY benchmarks/compare.py --regime pretrained --device cuda --data-dir "$data" --work "$out/work" --out "$out" \
       --dense-epochs 40 --compress-epochs 8 --finetune-epochs 4 --levels 33% --seeds 0 1 2 \
-      --method-lr svd_training=0.05 filter_pruning_l1=0.05 --method-rank-score posthoc_svd=loss trp=loss "$@"
+      --method-lr svd_training=0.05 filter_pruning_l1=0.05 --method-rank-score posthoc_svd=loss "$@"
   else
     $PY benchmarks/compare.py --regime scratch --device cuda --data-dir "$data" --work "$out/work" --out "$out" \
       --levels 50% 33% 25% --seeds 0 1 2 "$@"
