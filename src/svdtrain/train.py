@@ -126,10 +126,10 @@ class Run(Stages):
         changed = config_mod.diff(state["config"], cfg)
         # The dense checkpoint is named by path; the run is tied to its content, so the same
         # bytes at another path (a moved or copied work directory) is no change.
-        key, old = "decompose.dense_checkpoint", state["config"]["decompose"]["dense_checkpoint"]
-        if key in changed:
-            new = file_digest(cfg["decompose"]["dense_checkpoint"])
-            if new is not None and new == state["info"].get("dense_checkpoint_sha256", file_digest(old)):
+        key = "decompose.dense_checkpoint"
+        if key in changed:  # runs from before the digest was recorded: read the old path's file
+            was = state["info"].get("dense_checkpoint_sha256") or file_digest(config_mod.flatten(state["config"]).get(key, ""))
+            if was is not None and file_digest(cfg["decompose"]["dense_checkpoint"]) == was:
                 changed.remove(key)
         done = set(state["done"]) | ({state["stage"]} if state["epoch"] else set())
         locked = [k for k in changed if config_mod.key_stage(k) in done
