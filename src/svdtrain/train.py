@@ -128,7 +128,8 @@ class Run(Stages):
         # bytes at another path (a moved or copied work directory) is no change.
         key = "decompose.dense_checkpoint"
         if key in changed:  # runs from before the digest was recorded: read the old path's file
-            was = state["info"].get("dense_checkpoint_sha256") or file_digest(config_mod.flatten(state["config"]).get(key, ""))
+            was = (state["info"].get("dense_checkpoint_sha256")
+                   or file_digest(config_mod.flatten(state["config"]).get(key, "")))
             if was is not None and file_digest(cfg["decompose"]["dense_checkpoint"]) == was:
                 changed.remove(key)
         done = set(state["done"]) | ({state["stage"]} if state["epoch"] else set())
