@@ -60,10 +60,9 @@ from svdtrain.train import Run, run_dataset
 
 # benchmarks/ is on sys.path when run as a script
 from compare_report import plot, read_points, stages_table, summary_table
-from compare_settings import (LEVELS, METHODS, RESULT, SVD_METHODS, budget_of, lr_overrides, method_settings,
-                              parse_args, rank_score)
+from compare_settings import (HERE, LEVELS, METHODS, RESULT, SVD_METHODS, budget_of, lr_overrides,
+                              method_settings, parse_args, rank_score)
 
-HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "cifar10_resnet20.yaml"
 DENSE_RUN = HERE / "results" / "pretrained_dense"  # the dense model the pretrained regime starts from
 SHAPE = (1, 3, 32, 32)

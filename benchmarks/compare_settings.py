@@ -66,7 +66,6 @@ def budget_of(args) -> dict:
                if args.regime == "pretrained" else {"train_epochs": args.train_epochs})}
 
 
-
 def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     """The command line, with each regime's defaults filled in."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
