@@ -96,6 +96,19 @@ def compress_config(args, seed: int, *overrides: str) -> dict:
     return base(args, seed, f"epochs.train={args.train_epochs}", *overrides)
 
 
+def dense_warmup(args, work: Path, seed: int) -> list[str]:
+    """--svd-warmup K: the dense model trains the first K of the E epochs (the span [0, K/E] of
+    the one-cycle schedule); the overrides by which SVD training goes on from its SVD over the
+    rest of the same schedule, reaching the level at the same epoch as without the warm-up."""
+    k, split = args.svd_warmup, args.svd_warmup / args.train_epochs
+    dense = work / f"warmup{k}_s{seed}"
+    Run(dense, base(args, seed, "decompose.enabled=false", f"epochs.train={k}", f"optim.schedule_span=[0.0,{split}]"),
+        quiet=True).execute()
+    return ["decompose.init=svd", f"decompose.dense_checkpoint={dense / 'model_state.pt'}",
+            f"epochs.train={args.train_epochs - k}", f"optim.schedule_span=[{split},1.0]",
+            f"regularizer.target_at={(args.target_at - split) / (1 - split)}"]
+
+
 def restore_dense(dense: Path, args) -> None:
     """The committed dense model (results/pretrained_dense: its run checkpoint, metrics and
     summary) seeds a fresh work directory when the dense settings asked for are its own, so
@@ -242,6 +255,8 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
         cfg = compress_config(args, seed, *init, *lr_overrides(args, method), f"regularizer.target_macs={budget}",
                               f"regularizer.strength={args.strength}", f"regularizer.target_at={args.target_at}",
                               f"prune.gradual={str(args.gradual).lower()}", f"prune.score={rank_score(args, method)}")
+        if args.svd_warmup:
+            cfg = load_config(None, dense_warmup(args, work, seed), base=cfg)
         if args.svd_schedule == "one":  # the whole budget one train stage under one schedule (no restart)
             cfg = load_config(None, [f"epochs.train={cfg['epochs']['train'] + cfg['epochs']['finetune']}",
                                      "epochs.finetune=0"], base=cfg)

@@ -48,7 +48,8 @@ def method_settings(args, method: str) -> dict:
     """The hyper-parameters of a method that a point records (and a rerun must match)."""
     own = {"svd_training": {"strength": args.strength, "target_at": args.target_at, "gradual": args.gradual,
                             "schedule": args.svd_schedule,
-                            "init": args.svd_init if args.regime == "scratch" else "svd"},
+                            "init": args.svd_init if args.regime == "scratch" and not args.svd_warmup else "svd",
+                            **({"warmup": args.svd_warmup} if args.svd_warmup else {})},
            "filter_pruning": {"group_reg": args.group_reg},
            "trp": {"every": args.trp_every, "energy": args.trp_energy, "nuclear": args.trp_nuclear}}.get(method, {})
     if method in SVD_METHODS and (rule := rank_score(args, method)) != "energy":  # earlier points: energy, unrecorded
@@ -98,6 +99,9 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                         "trained model one, chosen on validation")
     p.add_argument("--svd-init", choices=("dense_init", "random", "random_scaled"), default="random_scaled",
                    help="scratch: SVD training's init (the init study compares them on the validation split)")
+    p.add_argument("--svd-warmup", type=int, default=0, metavar="K",
+                   help="scratch: SVD training's first K of the E epochs train the dense model; the rest of the "
+                        "same schedule trains the SVD form of it (decompose.init svd)")
     p.add_argument("--group-reg", type=float, default=None,
                    help="filter_pruning: group-norm weight (default: from scratch 1e-4, chosen on validation; "
                         "for a trained model 5e-4, Torch-Pruning's CIFAR default)")
@@ -122,4 +126,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
         args.svd_schedule = "split" if scratch else "one"
     if args.target_at is None:
         args.target_at = 0.5 if scratch else 0.17
+    if args.svd_warmup and not (scratch and 0 < args.svd_warmup < args.target_at * args.train_epochs):
+        raise SystemExit("--svd-warmup K: from scratch only, with 0 < K < --target-at x --train-epochs "
+                         "(the level is reached after the warm-up)")
     return args

@@ -140,6 +140,7 @@ def test_summary_macs_are_those_of_the_shipped_program(finished):
     (["decompose.mode=diagonal"], "must be one of channel, spatial"),
     (["prune.keep_energy=1.5"], "keep_energy must be in (0, 1]"),
     (["prune.score=loss"], "prune.score: loss ranks values under a MACs budget"),
+    (["optim.schedule_span=[0.5,0.2]"], "optim.schedule_span must be [start, end]"),
     (["lr"], "not of the form key=value"),
 ])
 def test_config_errors_are_one_line(tiny, tmp_path, args, message):

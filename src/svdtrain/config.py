@@ -43,6 +43,9 @@ DEFAULTS: dict = {
         "weight_decay": 5e-4,     # never applied to singular values
         "schedule": "onecycle",   # onecycle | cosine | step | constant
         "warmup_fraction": 0.25,  # onecycle/cosine: share of steps spent warming up
+        # The span of one longer schedule the orth/train stages cover, e.g. [0.3, 1.0] after
+        # a dense warm-up run of [0.0, 0.3]: together they follow the schedule of one run.
+        "schedule_span": [0.0, 1.0],
         "step_milestones": [0.5, 0.75],
         "step_gamma": 0.1,
         "finetune_lr": 0.02,      # fine-tuning: cosine decay from this lr
@@ -191,6 +194,10 @@ def validate(cfg: dict) -> None:
     d = cfg["decompose"]
     if d["enabled"] and d["init"] == "svd" and not d["dense_checkpoint"]:
         raise ConfigError("decompose.init: svd needs decompose.dense_checkpoint (a dense state_dict file)")
+    span = cfg["optim"]["schedule_span"]
+    if (len(span) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in span)
+            or not 0.0 <= span[0] < span[1] <= 1.0):
+        raise ConfigError(f"optim.schedule_span must be [start, end] with 0 <= start < end <= 1, got {span}")
     if cfg["val_size"] < 0:
         raise ConfigError(f"val_size must be >= 0 (0 = no validation split), got {cfg['val_size']}")
     if cfg["batch_size"] < 1 or cfg["eval_batch_size"] < 1 or cfg["export"]["batch"] < 1:

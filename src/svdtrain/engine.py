@@ -40,6 +40,9 @@ def lr_factor(cfg: dict, stage: str, step: int, total: int) -> float:
     """Multiplier of the stage's base lr at `step` of `total` (fine-tuning: cosine)."""
     o = cfg["optim"]
     t = step / max(1, total)
+    if stage != "finetune":  # this stage's share of a longer schedule (optim.schedule_span)
+        start, end = o["schedule_span"]
+        t = start + (end - start) * t
     kind = "cosine" if stage == "finetune" else o["schedule"]
     warm = 0.0 if stage == "finetune" else o["warmup_fraction"]
     if kind == "constant":
