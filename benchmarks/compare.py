@@ -25,8 +25,8 @@ Methods (the same augmentation, batch, optimizer family in both regimes):
                      SVD-form model)
 --rank-score loss ranks singular values by loss importance instead of energy share wherever
 svd_training, posthoc_svd and trp cut to the level (prune.score). A method's own values, chosen
-on the validation split: --method-lr METHOD=LR (peak lr of E_c and E_f; the budget's --lr stays
-every other's) and --method-rank-score METHOD=RULE; its points record them.
+on the validation split: --method-lr METHOD=LR (peak lr of E_c and E_f; from scratch of E; the
+budget's lr stays every other's) and --method-rank-score METHOD=RULE; its points record them.
 A held-out validation split (--val-size of the training images) records val_accuracy for
 choosing hyper-parameters; the test set only reports. Every finished point is one JSON file in
 <out>/<result>_points/ (committed with the results; a point there is skipped, one of other

@@ -37,7 +37,8 @@ def summary_table(points: list[dict], dense: dict, regime: str, levels, methods)
     own = [f"{m} {label} {value}" for m in methods for key, label in (("lr", "lr"), ("rank_score", "rank score"))
            for value in sorted({p["settings"][key] for p in points if p["method"] == m and key in p.get("settings", {})})]
     if own:
-        lines += ["", "Settings of a method's own, chosen on validation (peak lr for E_c and E_f; the budget's lr and "
+        span = "E_c and E_f" if regime == "pretrained" else "E"
+        lines += ["", f"Settings of a method's own, chosen on validation (peak lr for {span}; the budget's lr and "
                       "the energy rule for the rest): " + ", ".join(own) + "."]
     if any(p["method"] == "svd_training" and p["settings"].get("schedule") == "one" for p in points):
         lines += ["", "SVD training under one schedule has no separate fine-tuning: its budget is one train "

@@ -39,9 +39,12 @@ def rank_score(args, method: str) -> str:
 
 
 def lr_overrides(args, method: str) -> list[str]:
-    """A method's own peak learning rate (--method-lr), for compression-time training and fine-tuning."""
+    """A method's own peak learning rate (--method-lr): from a trained model for E_c and E_f; from
+    scratch the one-cycle's peak over E (fine-tuning keeps --finetune-lr, as the dense model's)."""
     lr = args.method_lr.get(method)
-    return [] if lr is None else [f"optim.lr={lr}", f"optim.finetune_lr={lr}"]
+    if lr is None:
+        return []
+    return [f"optim.lr={lr}"] + ([f"optim.finetune_lr={lr}"] if args.regime == "pretrained" else [])
 
 
 def method_settings(args, method: str) -> dict:
@@ -86,7 +89,8 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.02, help="pretrained: peak lr of E_c (cosine)")
     p.add_argument("--finetune-lr", type=float, default=0.02)
     p.add_argument("--method-lr", nargs="+", default=[], metavar="METHOD=LR",
-                   help="a method's own peak lr for E_c and E_f (chosen on validation), e.g. svd_training=0.05")
+                   help="a method's own peak lr (chosen on validation): from a trained model of E_c and E_f, "
+                        "from scratch of E, e.g. svd_training=0.05")
     p.add_argument("--strength", type=float, default=0.005, help="SVD training: the sparsity strength to start from")
     p.add_argument("--target-at", type=float, default=None,
                    help="SVD training: where in its training the level is reached (default: from scratch 0.5; "
@@ -126,6 +130,9 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
         args.svd_schedule = "split" if scratch else "one"
     if args.target_at is None:
         args.target_at = 0.5 if scratch else 0.17
+    if scratch and (inert := sorted(set(args.method_lr) & {"posthoc_svd", "filter_pruning_l1"})):
+        raise SystemExit(f"--method-lr {inert[0]}: from scratch it trains no E of its own (it starts from the "
+                         "seed's dense model); its fine-tuning takes --finetune-lr")
     if args.svd_warmup and not (scratch and 0 < args.svd_warmup < args.target_at * args.train_epochs):
         raise SystemExit("--svd-warmup K: from scratch only, with 0 < K < --target-at x --train-epochs "
                          "(the level is reached after the warm-up)")

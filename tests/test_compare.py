@@ -87,17 +87,24 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
 
 def test_scratch_svd_training_alone_needs_no_dense_model(tmp_path):
     """From scratch, SVD training starts from its own init: no dense model is trained for it, its
-    point records the MACs pruning would keep before the cut, and the report waits for the dense model."""
+    point records the MACs pruning would keep before the cut, and the report waits for the dense model.
+    Its own --method-lr is the one-cycle's peak; fine-tuning keeps the budget's lr."""
     write_fake_cifar(tmp_path / "data", n_train=256, n_test=100)
     out = tmp_path / "out"
     args = [sys.executable, str(SCRIPT), "--regime", "scratch", "--data-dir", str(tmp_path / "data"),
             "--work", str(tmp_path / "work"), "--out", str(out), "--train-epochs", "1", "--finetune-epochs", "1",
-            "--val-size", "64", "--threads", "1", "--levels", "33%", "--methods", "svd_training"]
+            "--val-size", "64", "--threads", "1", "--levels", "33%", "--methods", "svd_training",
+            "--method-lr", "svd_training=0.4"]
     res = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert not (tmp_path / "work" / "dense_s0").exists() and "no dense model yet" in res.stdout
     point = json.loads((out / "compare_cifar10_points" / "svd_training_33_s0.json").read_text())
     assert 0 < point["macs_at_threshold_trained"] <= 1 and point["settings"]["init"] == "random_scaled"
+    optim = torch.load(Path(point["run_dir"]) / "checkpoint.pt", weights_only=True)["config"]["optim"]
+    assert (optim["lr"], optim["finetune_lr"], optim["schedule"]) == (0.4, 0.02, "onecycle")
+    assert point["settings"]["lr"] == 0.4
+    res = subprocess.run(args + ["posthoc_svd=0.1"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "--method-lr posthoc_svd" in res.stderr and "Traceback" not in res.stderr
     assert not (out / "compare_cifar10.json").exists()
     res = subprocess.run(args + ["--report-only"], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "no dense model yet" in res.stderr and "Traceback" not in res.stderr
