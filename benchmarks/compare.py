@@ -102,8 +102,8 @@ def dense_warmup(args, work: Path, seed: int) -> list[str]:
     rest of the same schedule, reaching the level at the same epoch as without the warm-up."""
     k, split = args.svd_warmup, args.svd_warmup / args.train_epochs
     dense = work / f"warmup{k}_s{seed}"
-    Run(dense, base(args, seed, "decompose.enabled=false", f"epochs.train={k}", f"optim.schedule_span=[0.0,{split}]"),
-        quiet=True).execute()
+    Run(dense, base(args, seed, "decompose.enabled=false", f"epochs.train={k}", f"optim.schedule_span=[0.0,{split}]",
+                    *lr_overrides(args, "svd_training")), quiet=True).execute()  # one schedule: one peak
     return ["decompose.init=svd", f"decompose.dense_checkpoint={dense / 'model_state.pt'}",
             f"epochs.train={args.train_epochs - k}", f"optim.schedule_span=[{split},1.0]",
             f"regularizer.target_at={(args.target_at - split) / (1 - split)}"]

@@ -189,15 +189,17 @@ def test_a_method_takes_its_own_learning_rate(tmp_path):
         assert res.returncode != 0 and "--method-lr" in res.stderr and "Traceback" not in res.stderr, bad
 
 
-def test_scratch_svd_training_after_a_dense_warmup_keeps_one_schedule(tmp_path):
+@pytest.mark.parametrize("peak", [None, 0.1])
+def test_scratch_svd_training_after_a_dense_warmup_keeps_one_schedule(tmp_path, peak):
     """--svd-warmup K: the dense model trains the first K of E epochs, SVD training goes on from
-    its SVD over the rest of the same one-cycle schedule (lr by hand: peak 0.2, warm-up 0.25 of
-    the run, linear decay) and reaches the level at the same point of the whole run."""
+    its SVD over the rest of the same one-cycle schedule (lr by hand: peak 0.2 or SVD training's
+    own --method-lr, warm-up 0.25 of the run, linear decay) and reaches the level at the same
+    point of the whole run."""
     write_fake_cifar(tmp_path / "data", n_train=256, n_test=100)
     args = [sys.executable, str(SCRIPT), "--regime", "scratch", "--data-dir", str(tmp_path / "data"),
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--train-epochs", "3",
             "--finetune-epochs", "1", "--val-size", "64", "--threads", "1", "--levels", "50%",
-            "--methods", "svd_training"]
+            "--methods", "svd_training"] + ([] if peak is None else ["--method-lr", f"svd_training={peak}"])
     res = subprocess.run(args + ["--svd-warmup", "1"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     point = json.loads((tmp_path / "out" / "compare_cifar10_points" / "svd_training_50_s0.json").read_text())
@@ -210,7 +212,10 @@ def test_scratch_svd_training_after_a_dense_warmup_keeps_one_schedule(tmp_path):
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in dense_rows + rows if r.get("stage") == "train"]
     # lr after epochs 1, 2, 3 of one 3-epoch one-cycle: 0.2 * (1 - (t - 0.25) / 0.75) at t = 1/3, 2/3, 1
-    assert lrs == pytest.approx([0.2 * 8 / 9, 0.2 * 4 / 9, 0.0], abs=1e-9)
+    top = peak or 0.2
+    assert lrs == pytest.approx([top * 8 / 9, top * 4 / 9, 0.0], abs=1e-9)
+    if peak:
+        return
     for bad in (["--svd-warmup", "2"], ["--svd-warmup", "1", "--regime", "pretrained"]):
         res = subprocess.run(args + bad, capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and "--svd-warmup" in res.stderr and "Traceback" not in res.stderr, bad
