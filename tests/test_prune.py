@@ -182,10 +182,12 @@ def test_layer_plan_form_decides_forward_counts_budget_and_export():
     assert svdtrain.count_macs(model, (1, 16)) == 16 * 16 + 16 * 32
     compact = svdtrain.export(model, input_shape=(1, 16), trace=False)
     assert isinstance(compact[0], nn.Linear) and isinstance(compact[2], nn.Sequential)
-    # Reading .weight pins "dense": budget pruning then counts that layer as fixed and cuts the other.
+    # Reading .weight changes nothing; set_form("dense") pins: budget pruning then counts that
+    # layer as fixed and cuts the other.
     second.forward_path = "auto"
     _ = first.weight
-    assert first.plan.form == "dense"
+    assert first.plan.form == "auto" and not first.plan.reads_weight
+    first.set_form("dense")
     svdtrain.prune(model, macs_budget=0.7, input_shape=(1, 16))
     assert first.rank == 16 and second.rank < 8
     assert svdtrain.count_macs(model, (1, 16)) <= 0.7 * dense

@@ -164,11 +164,4 @@ def plain_attention(layer: SVDMultiheadAttention) -> nn.Module:
     graph = torch.fx.symbolic_trace(layer)
     for name in _READ_ATTRIBUTES:
         setattr(graph, name, getattr(layer, name))
-    graph.attention_products = True  # count_macs counts the products inside `attend`
     return graph.train(layer.training)
-
-
-def counts_products(module: nn.Module) -> bool:
-    """An attention layer whose projections are separate modules (counted on their own):
-    SVDMultiheadAttention or its exported GraphModule."""
-    return isinstance(module, SVDMultiheadAttention) or getattr(module, "attention_products", False) is True

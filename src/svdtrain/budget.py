@@ -27,8 +27,12 @@ The rule, in full (BudgetController):
   and the sparsity term stays weak. Compressing a trained ResNet-20 this measured better on
   the validation split than keeping the sparsity term on ahead of the cuts (horizon 0, lead
   a quarter of the ramp: 0.7 points lower; benchmarks/README.md).
+  While the masks move, every SVD layer runs at full width times its mask (`Plan.masked`),
+  so a compiled model keeps one graph through the ramp; at its end the layers return to
+  their active ranks (one recompile). `round_to` makes every rank a multiple of it.
   With score="loss", the masks rank values by loss importance instead of energy share:
   (s * dL/ds)^2 summed over the training steps since the previous update (importance.py).
+- A target below the rank-1 floor (rank 1 in every SVD layer) is refused at construction.
 - If the target is not reached by the end of the stage (m > target + tolerance), `report()`
   says so; the prune stage still meets the budget (prune(macs_budget=target)), by cutting
   energy training did not empty.
@@ -42,25 +46,22 @@ import math
 from torch import nn
 
 from .importance import SingularValueImportance
+from .layers import SVDLayer, svd_layers
 from .losses import Regularizer
 from .macs import LayerCost, profile
-from .prune import energy_rank, prune
+from .prune import energy_rank, prune, rank_floor
 
 
 def macs_at_energy(records: list[LayerCost], keep_energy: float) -> tuple[int, list[int]]:
     """(deploy MACs, ranks) if every SVD layer in `records` (a `profile` of the model) were
-    pruned now at `keep_energy`; layers that are called twice count twice."""
-    total, ranks, seen = 0, [], set()
-    for rec in records:
-        layer = rec.module
-        if not hasattr(layer, "active"):
-            total += rec.macs()
-            continue
+    pruned now at `keep_energy`; every call of a layer counts (the plan's cost rule)."""
+    layers = {id(r.module): r.module for r in records if isinstance(r.module, SVDLayer)}
+    total = sum(r.macs() for r in records if not isinstance(r.module, SVDLayer))
+    ranks = []
+    for layer in layers.values():
         k = energy_rank(layer.s.detach()[layer.active], keep_energy)
-        total += rec.macs(rank=k)
-        if id(layer) not in seen:
-            seen.add(id(layer))
-            ranks.append(k)
+        total += layer.plan.macs(k)
+        ranks.append(k)
     return total, ranks
 
 
@@ -91,7 +92,7 @@ class BudgetController:
                  *, target_at: float = 0.5, keep_energy: float = 0.9999, every: int | None = None, gain: float = 0.5,
                  horizon: int = 5, relax: float = 4.0, mask: bool = False, optimizer=None, example_inputs=None,
                  min_strength: float = 1e-6, max_strength: float = 10.0, tolerance: float = 0.03,
-                 score: str = "energy"):
+                 score: str = "energy", round_to: int = 1):
         if not 0.0 < target_macs <= 1.0:
             raise ValueError(f"target_macs must be in (0, 1], got {target_macs!r}")
         if not 0.0 < target_at <= 1.0:
@@ -112,7 +113,12 @@ class BudgetController:
         self.mask, self.optimizer, self.inputs = mask, optimizer, {"input_shape": input_shape,
                                                                    "example_inputs": example_inputs}
         self._records = profile(model, **self.inputs)
-        self.dense_macs = sum(r.macs("dense") for r in self._records)
+        floor, self.dense_macs = rank_floor(self._records)
+        if self.target * self.dense_macs < floor:
+            raise ValueError(f"target_macs {self.target:g} is below the rank-1 floor: rank 1 in every SVD layer "
+                             f"keeps {floor / self.dense_macs:.3f} of dense MACs")
+        self.round_to = round_to
+        self._set_masked(mask)
         self.steps, self.start, self.last, self.slope = 0, None, None, 0.0
         if score not in ("energy", "loss"):
             raise ValueError(f"score must be 'energy' or 'loss', got {score!r}")
@@ -152,7 +158,14 @@ class BudgetController:
             self.reg.strength = min(max(s, self.bounds[0]), self.bounds[1])
             if self.mask:
                 self._mask_to(want)
+                if self.steps >= self.target_at * self.total:
+                    self._set_masked(False)  # ranks are final: the forward runs at them
         return self.reg.strength
+
+    def _set_masked(self, masked: bool) -> None:
+        """While masks move, SVD layers run at full width times the mask (see Plan.masked)."""
+        for _, layer in svd_layers(self.model):
+            layer.plan.masked = masked
 
     def _mask_to(self, fraction: float) -> None:
         """Gradual pruning: mask the lowest-scored singular values (prune's macs_budget rule)
@@ -160,7 +173,8 @@ class BudgetController:
         deployed = sum(r.macs() for r in self._records) / self.dense_macs
         if deployed > fraction:
             scores = self.importance.scores() if self.importance is not None else None
-            prune(self.model, macs_budget=fraction, optimizer=self.optimizer, scores=scores, **self.inputs)
+            prune(self.model, macs_budget=fraction, optimizer=self.optimizer, scores=scores, round_to=self.round_to,
+                  **self.inputs)
         if self.importance is not None:
             self.importance.reset()  # the next cut reads only the gradients from here on
 
@@ -175,6 +189,7 @@ class BudgetController:
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.start, self.last, self.slope = state["steps"], state["start"], state["last"], state["slope"]
+        self._set_masked(self.mask and self.steps < self.target_at * self.total)
         self.reg.strength = state["strength"]
         if self.importance is not None and state.get("importance") is not None:
             self.importance.load_state_dict(state["importance"])

@@ -6,8 +6,8 @@ from typing import Callable, Iterable
 
 from torch import nn
 
-from .attention import SVDMultiheadAttention
-from .layers import SVDConv2d, SVDLayer, SVDLinear, unwrap
+from .kinds import KINDS, kind_of
+from .layers import SVDLayer, unwrap
 from .macs import profile
 
 log = logging.getLogger("svdtrain")
@@ -26,9 +26,10 @@ def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:
 
 def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: Skip = None, *,
               input_shape=None, example_inputs=None) -> nn.Module:
-    """Replace, in place, every eligible nn.Conv2d / nn.Linear / nn.MultiheadAttention of
-    `model` by its SVD form (attention: SVDMultiheadAttention, its q, k, v and output
-    projections each an SVDLinear with its own rank).
+    """Replace, in place, every layer of a registered kind (kinds.py: nn.Conv2d, nn.Linear,
+    nn.MultiheadAttention) of `model` by its SVD form (attention: SVDMultiheadAttention, its
+    q, k, v and output projections each an SVDLinear with its own rank). With `input_shape`
+    or `example_inputs` the new layers' plans record their calls (see `profile`).
 
     mode: "channel" or "spatial" (spatial applies to convs with a kernel larger than 1x1).
     init: "svd" keeps the model's function exactly (SVD of the current weights);
@@ -53,36 +54,36 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     # Collect first: replacing while iterating named_modules() would visit the new layers.
     # Duplicates are kept so a layer shared under two names becomes one SVD layer in both.
     targets = [(name, m) for name, m in root.named_modules(remove_duplicate=False)
-               if type(m) in (nn.Conv2d, nn.Linear, nn.MultiheadAttention) and not skipped(name, m)]  # exact types
+               if kind_of(m) is not None and not skipped(name, m)]
     done: dict[int, nn.Module] = {}
     left: dict[str, str] = {}  # name -> why it stays dense
     for name, module in targets:
         if id(module) in done:
             _set_submodule(root, name, done[id(module)])
             continue
-        if not eligible(module):
-            left[name] = _why_dense(module)
+        if any(name.startswith(p + ".") for p in left):
+            continue  # inside a layer that stays dense (an attention's out_proj)
+        why = kind_of(module).why_dense(module)
+        if why is not None:
+            left[name] = why
             continue
-        if isinstance(module, nn.MultiheadAttention):
-            new = SVDMultiheadAttention.from_mha(module, init=init)
-        elif isinstance(module, nn.Conv2d):
-            new = SVDConv2d.from_conv(module, mode=mode, init=init)
-        else:
-            new = SVDLinear.from_linear(module, init=init)
+        new = kind_of(module).build(module, mode, init)
         new.train(module.training)
         done[id(module)] = new
         _set_submodule(root, name, new)
-    for m in root.modules():  # its fused path packs q, k, v: the layers must take the ordinary one
-        if isinstance(m, nn.TransformerEncoder) and any(isinstance(a, SVDMultiheadAttention) for a in m.modules()):
+    for m in root.modules():
+        if not any(isinstance(a, SVDLayer) for a in m.modules()):
+            continue
+        if isinstance(m, nn.TransformerEncoder):  # its nested-tensor path packs q, k, v
             m.use_nested_tensor = False
+        if isinstance(m, nn.TransformerEncoderLayer):
+            # Its fused inference path reads linear1/linear2/attention weights directly and
+            # bypasses their SVD forward; this flag is read only by that path's check.
+            m.activation_relu_or_gelu = 0
     _log_coverage(root, done, left, skipped, records)
+    if records is not None:
+        profile(root, input_shape, example_inputs)  # the new layers' plans record their calls
     return model
-
-
-def _why_dense(module: nn.Module) -> str:
-    if isinstance(module, nn.MultiheadAttention):
-        return "attention with add_bias_kv or add_zero_attn"
-    return f"grouped conv (groups={module.groups})" if module.groups != 1 else f"padding={module.padding!r}"
 
 
 def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None) -> None:
@@ -90,13 +91,14 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None
     before the change) or else of weights they hold; at WARNING level, with
     each kind and reason, when weight-bearing layers were left dense (they still count in
     count_macs, but gain nothing from SVD training)."""
+    svd_forms = tuple(k.svd_type for k in KINDS.values() if k.svd_type is not None)
+    passed = [n for n, m in root.named_modules() if n and (n in left or skipped(n, m))]
     for name, m in root.named_modules():
-        if name in left or isinstance(m, (SVDLayer, SVDMultiheadAttention)) or skipped(name, m) or any(
-                name.startswith(p + ".") for p in left):
-            continue
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and type(m) not in (nn.Conv2d, nn.Linear):
-            left[name] = f"{type(m).__name__} is not decomposed"
-        elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase)):
+        if name in left or isinstance(m, (SVDLayer, *svd_forms)) or skipped(name, m) or any(
+                name.startswith(p + ".") for p in passed):
+            continue  # a skipped or dense-left layer's own parts are not reported again
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention, nn.RNNBase)) \
+                and kind_of(m) is None:
             left[name] = f"{type(m).__name__} is not decomposed"
     if records is not None:
         total = sum(r.dense for r in records)
@@ -119,14 +121,10 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None
 
 
 def eligible(module: nn.Module) -> bool:
-    """Whether `decompose` replaces this layer: a plain Linear, a plain Conv2d with groups=1
-    and integer padding, or a plain MultiheadAttention without add_bias_kv / add_zero_attn
-    (exact types: subclasses may change forward)."""
-    if type(module) is nn.Linear:
-        return True
-    if type(module) is nn.MultiheadAttention:
-        return module.bias_k is None and not module.add_zero_attn
-    return type(module) is nn.Conv2d and module.groups == 1 and not isinstance(module.padding, str)
+    """Whether `decompose` replaces this layer: its exact type has a registry entry (kinds.py)
+    and the entry finds no reason to leave it dense."""
+    kind = kind_of(module)
+    return kind is not None and kind.why_dense(module) is None
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -9,7 +9,7 @@ import time
 import torch
 from torch import nn
 
-from .attention import SVDMultiheadAttention, plain_attention
+from .kinds import exported_by
 from .layers import SVDLayer, unwrap
 from .macs import profile
 
@@ -18,14 +18,17 @@ log = logging.getLogger("svdtrain")
 
 def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str = "macs",
            round_to: int = 8, reps: int = 7, channels_last: bool = False, example_inputs=None) -> nn.Module:
-    """A new model with the same outputs in which every SVD layer is ordinary layers.
+    """A new model with the same outputs in which every SVD layer is ordinary layers, in
+    eval mode whatever mode `model` was in (dropout inside traced attention is off).
 
     Each SVD layer becomes what its plan says (`layer.plan.form`): "dense" one dense
     Conv2d/Linear, "factored" its two factor layers at its rank (an nn.Sequential of two
     Conv2d/Linear), "auto" whichever is cheaper:
-      choose="macs"     fewer MACs. With `input_shape` the choice uses the real feature-map
-                        sizes (it matters only for spatial mode); without, it assumes each
-                        layer's input is its output times its stride.
+      choose="macs"     fewer MACs over the calls its plan recorded: at `input_shape` /
+                        `example_inputs` when given (the pass is profiled again), else at the
+                        sizes of the last profiled pass (prune, count_macs, the budget
+                        controller), so what ships is what those counted. A layer whose
+                        `.weight` other code read in that pass ships dense.
       choose="latency"  faster on this machine, measured: each layer's dense form, its
                         factor pair, and the pair with its rank padded with zeros up to a
                         multiple of `round_to` (same outputs; kernels often prefer such
@@ -52,42 +55,39 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
     if not any(isinstance(m, SVDLayer) for m in unwrap(model).modules()):
         log.warning("svdtrain: export: the model has no SVD layers (was it decomposed?); "
                     "returning a copy of it as it is")
-    compact = copy.deepcopy(unwrap(model))
-    costs = {id(rec.module): rec for rec in profile(compact, input_shape, example_inputs)
-             if isinstance(rec.module, SVDLayer)} if sized else {}
+    compact = copy.deepcopy(unwrap(model)).eval()  # what ships runs in eval mode (traced so too)
+    if sized:
+        profile(compact, input_shape, example_inputs)  # each plan records its calls at these sizes
     replacements, built = [], {}
     # Every name: a layer registered under two names is replaced under both, by one module.
     for name, module in compact.named_modules(remove_duplicate=False):
         if not isinstance(module, SVDLayer):
             continue
-        if id(module) in built:
-            replacements.append((name, built[id(module)]))
-            continue
-        rec = costs.get(id(module))
-        if choose == "latency" and rec is not None and module.plan.form == "auto":
-            new = _fastest(name, module, rec.input_shape, round_to, reps, channels_last)
-        else:  # the plan: its form, or for "auto" the MACs rule
-            dense, factored = (rec.dense, rec.macs("factored")) if rec is not None else module.macs()
-            new = module.factor_layers() if module.ships_factored(dense, factored) else module.dense_layer()
-        new.train(module.training)
-        built[id(module)] = new.to(module.U.device, module.U.dtype)
+        if id(module) not in built:
+            calls = module.plan.calls
+            if choose == "latency" and calls and module.plan.form == "auto" and not module.plan.reads_weight:
+                new = _fastest(name, module, calls[0].shape, round_to, reps, channels_last)
+            else:  # the plan: its form, or for "auto" its cost rule over the recorded calls
+                new = module.exported()
+            built[id(module)] = new.to(module.U.device, module.U.dtype).eval()
         replacements.append((name, built[id(module)]))
     for name, new in replacements:
         if not name:
             return new  # the model was a single SVD layer
         _set(compact, name, new)
-    # Attention layers last: their projections are ordinary layers by now.
-    attention = {}
+    # Layer kinds built of SVD layers (attention) last: their projections are ordinary by now.
+    containers = {}
     for name, module in list(compact.named_modules(remove_duplicate=False)):
-        if isinstance(module, SVDMultiheadAttention):
-            attention.setdefault(id(module), plain_attention(module))
+        kind = exported_by(module)
+        if kind is not None:
+            containers.setdefault(id(module), kind(module).eval())
             if not name:
-                return attention[id(module)]
-            _set(compact, name, attention[id(module)])
+                return containers[id(module)]
+            _set(compact, name, containers[id(module)])
     if not trace:
         return compact
     try:
-        return torch.fx.symbolic_trace(compact)
+        return torch.fx.symbolic_trace(compact).eval()
     except Exception as err:  # data-dependent control flow etc.: keep the module structure
         log.info("svdtrain: torch.fx could not trace the model (%s); export keeps its "
                  "module structure", str(err).splitlines()[0] if str(err) else type(err).__name__)

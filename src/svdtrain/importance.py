@@ -1,4 +1,12 @@
-"""Loss-based importance of singular values, for ranking them under a MACs budget.
+"""Importance of singular values, for ranking them under a MACs budget: one interface.
+
+An importance is called as `imp(name, layer)` and returns one non-negative score per
+singular value of that SVD layer; `prune(macs_budget=..., scores=imp)` keeps the values whose
+loss costs least per MAC saved. `EnergyShare` (the default) scores each value by its share of
+its layer's energy; `SingularValueImportance` by its effect on the loss, accumulated in any
+training loop; a user's own object or dict of scores plugs in the same way.
+
+Loss importance:
 
 Removing value i of a layer changes its weight by -s_i u_i v_i^T, and the loss by about
 -s_i dL/ds_i to first order. At a trained model that mean is near zero, so the score is its
@@ -24,8 +32,18 @@ from torch import nn
 from .layers import svd_layers
 
 
+class EnergyShare:
+    """s_i^2 / sum_j s_j^2 over the layer's active values (0 for pruned ones): the paper's rule,
+    the share of the layer's energy a value carries."""
+
+    def __call__(self, name: str, layer) -> torch.Tensor:
+        e = layer.s.detach().double().pow(2) * layer.active
+        return e / e.sum().clamp_min(1e-300)
+
+
 class SingularValueImportance:
-    """Accumulates sum over calls of (s * s.grad)^2 per SVD layer of `model`."""
+    """Accumulates sum over calls of (s * s.grad)^2 per SVD layer of `model`; called as
+    `imp(name, layer)` it gives that layer's mean over the calls so far."""
 
     def __init__(self, model: nn.Module):
         self.layers = dict(svd_layers(model))
@@ -51,6 +69,11 @@ class SingularValueImportance:
             raise ValueError("no gradients accumulated yet: call accumulate() after backward()")
         return {name: total / self.count for name, total in self.sums.items()}
 
+    def __call__(self, name: str, layer=None) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no gradients accumulated yet: call accumulate() after backward()")
+        return self.sums[name] / self.count
+
     def state_dict(self) -> dict:
         return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count}
 
@@ -66,7 +89,7 @@ def loss_importance(model: nn.Module, batches: Iterable, loss_fn: Callable, max_
     are restored afterwards, so the model leaves exactly as it came."""
     imp = SingularValueImportance(model)
     params = dict(model.named_parameters())
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if k not in params}
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if k not in params and torch.is_tensor(v)}
     grads = {p: p.grad for p in model.parameters()}
     was_training = model.training
     model.train()

@@ -2,59 +2,37 @@
 
 Each layer holds three parameters, U (rows x r), s (r,) and V (cols x r), over a matrix
 view of the dense weight (see `SVDConv2d` for the two conv views), plus a boolean buffer
-`active` that marks the singular values that survived pruning. Pruned values are masked,
-not deleted, so parameter shapes never change: a user's optimizer stays valid and a
-state_dict loads into a freshly decomposed model (the mask carries the ranks).
+`active` that marks the singular values that survived pruning: the one store of what was
+pruned. Pruned values are masked, not deleted, so parameter shapes never change: a user's
+optimizer stays valid and a state_dict loads into a freshly decomposed model (the mask
+carries the ranks; the plan's form and recorded calls travel as the layer's extra state).
 
-Each layer carries a `Plan`: its rank, the indices of its active values and its form. The
-forward, the MACs counts, budget pruning and export all read it. Forward runs one of two
-exact paths:
+Each layer carries a `Plan` (plan.py): its rank, its form and the input sizes of its last
+profiled calls; forward, counts, budget pruning and export all read it. Forward runs one of
+two exact paths:
 - "dense": rebuild W from the factors (one small matmul) and run one dense op; cheapest
   while the rank is high (training at full rank costs about what dense training costs);
 - "factored": run the two factor layers at the active rank; cheapest once the rank is low.
+While ranks move (`plan.masked`, gradual pruning) it runs at full width times the mask, so a
+compiled model is not recompiled at every rank change.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .matrix_view import matrix_to_weight, weight_to_matrix
+from .plan import FORMS, Call, Plan, Recording
 
 # Forward takes the factored path only when its MACs are below this fraction of the dense
 # op's: two small convs carry overhead (an extra kernel launch, an intermediate tensor)
 # that the MAC count does not see.
 FACTORED_BELOW = 0.7
 
-FORMS = ("auto", "dense", "factored")
-
-
-def ships_factored(dense: int, factored: int) -> bool:
-    """The one deploy rule of a layer whose plan is "auto" (export, counts and pruning all read
-    it through `SVDLayer.ships_factored`): it ships as its factor pair where that costs fewer
-    MACs than its dense form, else as one dense layer."""
-    return factored < dense
-
-
-@dataclass
-class Plan:
-    """What an SVD layer runs and ships. rank and idx (the active indices, None when all are
-    active) mirror the `active` mask as a Python int and a precomputed tensor, so the forward
-    never reads the mask (no host sync; compiles with fullgraph=True). form:
-      "auto"      ships as the factor pair where that costs fewer MACs than the dense layer
-                  (`ships_factored`); trains on whichever path is faster (FACTORED_BELOW)
-      "dense"     trains and ships as one dense layer (set once code outside reads `.weight`:
-                  the exported layer must still have one)
-      "factored"  trains and ships as the factor pair at any rank."""
-    rank: int
-    idx: torch.Tensor | None = None
-    form: str = "auto"
-
 
 class SVDLayer(nn.Module):
-    """Base class: holds U, s, V, the pruning mask and the losses' view of them."""
+    """Base class: holds U, s, V, the pruning mask, the plan and the losses' view of them."""
 
     rows: int
     cols: int
@@ -88,33 +66,48 @@ class SVDLayer(nn.Module):
         self.s = nn.Parameter(s.contiguous())
         self.V = nn.Parameter(v.contiguous())
         self.register_buffer("active", torch.ones(r, dtype=torch.bool))
-        self.plan = Plan(r)
-        self._refresh()
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module._refresh())
+        self.plan = Plan(r, rows, cols, unit=Call((), *self.macs(None, rank=1)))
 
+    # ----- the plan: kept current by set_active, load_state_dict and .to() -----
     def _refresh(self) -> None:
-        """Read the mask once into the plan. Kept current by set_active (hence prune /
-        set_ranks), load_state_dict and .to(); change masks only through those."""
-        mask = self.active
-        self.plan.rank = int(mask.sum())
-        self.plan.idx = None if self.plan.rank == mask.numel() else mask.nonzero().squeeze(1)
+        self.plan.refresh(self.active)
 
-    @property
-    def forward_path(self) -> str:
-        """The plan's form (kept under its earlier name): "auto", "dense" or "factored"."""
-        return self.plan.form
+    def get_extra_state(self) -> dict:
+        return self.plan.state()
 
-    @forward_path.setter
-    def forward_path(self, form: str) -> None:
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        self.plan.form = form
+    def set_extra_state(self, state: dict) -> None:
+        self.plan.load(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        key = prefix + "_extra_state"
+        if key in missing_keys:  # saved before plans were: the form stays as it is
+            missing_keys.remove(key)
+        self._refresh()
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         if "active" in self._buffers:
             self._refresh()  # the mask buffer was replaced (device/dtype move): so are its indices
         return out
+
+    def set_form(self, form: str) -> None:
+        """Fix what the layer trains and ships as: "dense" (e.g. for code that reads `.weight`
+        of the exported layer), "factored", or "auto" (the cheaper, by the plan's cost rule)."""
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        self.plan.form = form
+
+    @property
+    def forward_path(self) -> str:
+        """The plan's form (its earlier name); assigning it calls `set_form`."""
+        return self.plan.form
+
+    @forward_path.setter
+    def forward_path(self, form: str) -> None:
+        self.set_form(form)
 
     # ----- the active (unpruned) part of the factors -----
     @property
@@ -133,12 +126,21 @@ class SVDLayer(nn.Module):
             return self.U, self.s, self.V
         return self.U[:, idx], self.s[idx], self.V[:, idx]
 
+    def _run_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The factors forward uses: the active ones, or while ranks move (plan.masked) all of
+        them with s times the mask (same product; shapes that do not change with the rank)."""
+        if self.plan.masked:
+            return self.U, self.s * self.active, self.V
+        return self.factors()
+
     @property
     def weight(self) -> torch.Tensor:
         """U diag(s) V^T in the original layer's weight shape, differentiable: code that reads
-        `layer.weight` (TransformerEncoderLayer, a tied head) runs unchanged; the layer's
-        plan becomes "dense", since its export must still have a `.weight` to read."""
-        self.plan.form = "dense"
+        `layer.weight` (a tied head) runs unchanged. Reading it changes nothing, except during
+        a profiled pass (`svdtrain.macs.profile`), which records the read in the plan: such a
+        layer then ships dense, since its exported form must still have a `.weight`."""
+        if Recording.active:
+            self.plan.reads_weight = True
         return self.dense_weight()
 
     def dense_weight(self) -> torch.Tensor:
@@ -146,7 +148,7 @@ class SVDLayer(nn.Module):
 
     def matrix(self) -> torch.Tensor:
         """The matrix view U diag(s) V^T at the active rank."""
-        u, s, v = self.factors()
+        u, s, v = self._run_factors()
         return (u * s) @ v.T
 
     def set_active(self, mask: torch.Tensor) -> None:
@@ -162,16 +164,23 @@ class SVDLayer(nn.Module):
         """(dense MACs, factored MACs at `rank`) per sample for an input of spatial size in_hw."""
         raise NotImplementedError
 
+    def call_cost(self, shape: tuple) -> Call:
+        """The cost of one call on an input of `shape` (batch included)."""
+        raise NotImplementedError
+
     def _use_factored(self, in_hw: tuple[int, int] | None) -> bool:
+        """The training path: the plan's form, or for "auto" the factor pair where it costs
+        under FACTORED_BELOW of the dense op (never while ranks move: one graph)."""
         if self.plan.form != "auto":
             return self.plan.form == "factored"
+        if self.plan.masked:
+            return False
         dense, factored = self.macs(in_hw)
         return factored < FACTORED_BELOW * dense
 
-    def ships_factored(self, dense: int, factored: int) -> bool:
-        """Whether this layer deploys as its factor pair, given its dense and factored MACs:
-        the plan's form, or for "auto" the one deploy rule (`ships_factored`)."""
-        return self.plan.form == "factored" or (self.plan.form == "auto" and ships_factored(dense, factored))
+    def exported(self) -> nn.Module:
+        """The ordinary layer(s) this layer ships as, by its plan: the factor pair or one dense layer."""
+        return self.factor_layers() if self.plan.ships_factored() else self.dense_layer()
 
     def _like(self) -> dict:
         """dtype and device of the factors: exported layers are made in them, never rounded."""
@@ -208,9 +217,16 @@ class SVDLinear(SVDLayer):
         r = self.rank if rank is None else rank
         return self.in_features * self.out_features, r * (self.in_features + self.out_features)
 
+    def call_cost(self, shape):
+        positions = 1  # applies to every position of the last dim
+        for n in shape[:-1]:
+            positions *= n
+        dense, per_rank = self.macs(rank=1)
+        return Call(tuple(shape), positions * dense, positions * per_rank)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_factored(None):
-            u, s, v = self.factors()
+            u, s, v = self._run_factors()
             return F.linear(F.linear(x, v.T), u * s, self.bias)
         return F.linear(x, self.dense_weight(), self.bias)
 
@@ -339,9 +355,14 @@ class SVDConv2d(SVDLayer):
             factored = in_hw[0] * wo * kw * c * r + ho * wo * kh * r * n
         return dense, factored
 
+    def call_cost(self, shape):
+        batch = shape[0] if len(shape) == 4 else 1
+        dense, per_rank = self.macs(tuple(shape[-2:]), rank=1)
+        return Call(tuple(shape), batch * dense, batch * per_rank)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_factored(tuple(x.shape[-2:])):
-            first, second = self._factor_specs(*self.factors())
+            first, second = self._factor_specs(*self._run_factors())
             return self._conv(self._conv(x, *first), *second, bias=self.bias)
         return self._conv(x, self.dense_weight(), self.stride, self.padding, self.dilation,
                           bias=self.bias)
@@ -374,10 +395,14 @@ class SVDConv2d(SVDLayer):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside a DistributedDataParallel/DataParallel wrapper, if any."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The user's model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def svd_layers(model: nn.Module):

@@ -1,11 +1,14 @@
 """Multiply-accumulate (MAC) and parameter counts, dense and factorized.
 
 All figures are MACs (one multiply + one add = 1); many tools print the same number as
-"FLOPs". Counted, per call: SVD layers, Linear (and subclasses), Conv1d/2d/3d (grouped too),
-ConvTranspose1d/2d/3d, MultiheadAttention (the four projections and the two attention
-products; in SVD form the projections count as SVD layers, the products on their own) and RNN/LSTM/GRU (every gate of every layer, direction and time step). Not counted:
-normalisation, activations, pooling, embeddings (lookups, not MACs) and functional calls made
-outside modules (e.g. F.scaled_dot_product_attention in a custom block).
+"FLOPs". Counted, per call: SVD layers (from their plans), Linear (and subclasses),
+Conv1d/2d/3d (grouped too), ConvTranspose1d/2d/3d, MultiheadAttention (the four projections
+and the two attention products, however it is called) and RNN/LSTM/GRU (every gate of every
+layer, direction and time step), each by its formula; and every matrix product, convolution
+or attention call made outside those modules (functional calls such as
+F.scaled_dot_product_attention in a custom block, the products of an SVD attention layer,
+a Hugging Face Conv1D), at the dispatch level with PyTorch's own FLOP formulas. Not counted:
+normalisation, activations, pooling, embeddings (lookups, not MACs).
 """
 from __future__ import annotations
 
@@ -13,27 +16,29 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from .attention import counts_products
-from .layers import SVDLayer, SVDLinear, unwrap
+from .layers import SVDLayer, svd_layers, unwrap
+from .plan import Call, Recording
 
 COSTS = ("deploy", "factored", "dense")
 
 
 @dataclass
 class LayerCost:
-    """One counted layer of a forward pass (batch included)."""
+    """One counted call of a forward pass (batch included). `module` is None for a product
+    counted at the dispatch level (its `name` then says which op)."""
     name: str
-    module: nn.Module
-    dense: int            # MACs of the dense layer
+    module: nn.Module | None
+    dense: int            # MACs of the dense layer (of the op, for anything but an SVD layer)
     per_rank: int = 0     # factored MACs per unit of rank (SVD layers only; linear in rank)
     input_shape: tuple = ()  # the shape of the layer's input in this pass
 
     def macs(self, cost: str = "deploy", rank: int | None = None) -> int:
-        if not isinstance(self.module, SVDLayer) or cost == "dense":
+        if not isinstance(self.module, SVDLayer):
             return self.dense
-        factored = self.per_rank * (self.module.rank if rank is None else rank)
-        return factored if cost == "factored" or self.module.ships_factored(self.dense, factored) else self.dense
+        return self.module.plan.call_macs(Call(self.input_shape, self.dense, self.per_rank), rank, cost)
 
 
 COUNTED = (SVDLayer, nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
@@ -69,18 +74,15 @@ def _rnn_macs(m: nn.RNNBase, x: torch.Tensor) -> int:
     return steps * total
 
 
-def _cost(name: str, module: nn.Module, inputs: tuple, output) -> LayerCost | None:
-    x = inputs[0] if inputs else None
+def _cost(name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> LayerCost | None:
+    x = args[0] if args else kwargs.get("query" if isinstance(module, nn.MultiheadAttention) else "input")
     if not torch.is_tensor(x):
         return None  # e.g. a PackedSequence: not counted
     shape = tuple(x.shape)
     if isinstance(module, SVDLayer):
-        if isinstance(module, SVDLinear):  # applies to every position of the last dim
-            in_hw, batch = None, x.numel() // x.shape[-1]
-        else:
-            in_hw, batch = tuple(x.shape[-2:]), (x.shape[0] if x.dim() == 4 else 1)
-        dense, factored_r1 = module.macs(in_hw, rank=1)
-        return LayerCost(name, module, batch * dense, batch * factored_r1, input_shape=shape)
+        call = module.call_cost(shape)
+        module.plan.calls.append(call)
+        return LayerCost(name, module, call.dense, call.per_rank, input_shape=shape)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         # each input element meets (out/groups) x kernel weights
         per_in = (module.out_channels // module.groups) * _prod(module.kernel_size)
@@ -90,12 +92,44 @@ def _cost(name: str, module: nn.Module, inputs: tuple, output) -> LayerCost | No
         return LayerCost(name, module, output.numel() * per_out, input_shape=shape)
     if isinstance(module, nn.Linear):
         return LayerCost(name, module, output.numel() * module.in_features, input_shape=shape)
-    if isinstance(module, nn.MultiheadAttention) or counts_products(module):  # separate projections: products only
-        full = isinstance(module, nn.MultiheadAttention)
-        return LayerCost(name, module, _attention_macs(module, x, inputs[1], projections=full), input_shape=shape)
+    if isinstance(module, nn.MultiheadAttention):
+        key = args[1] if len(args) > 1 else kwargs["key"]
+        return LayerCost(name, module, _attention_macs(module, x, key), input_shape=shape)
     if isinstance(module, nn.RNNBase):
         return LayerCost(name, module, _rnn_macs(module, x), input_shape=shape)
     return None
+
+
+def _cpu_sdpa(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+# PyTorch's FLOP formulas, plus the CPU kernel of scaled_dot_product_attention.
+_FORMULAS = {**flop_registry, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa}
+
+
+class _Products(TorchDispatchMode):
+    """Counts, as MACs, the products the dispatcher runs while no counted module is running
+    (`depth` 0): PyTorch's FLOP formulas, halved. Ops without a formula are decomposed first
+    (as torch.utils.flop_counter does), so a composite op counts by what it runs."""
+
+    def __init__(self, records: list):
+        super().__init__()
+        self.records, self.depth = records, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        if self.depth == 0 and packet not in _FORMULAS and func is not torch.ops.prim.device.default:
+            with self:
+                out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+        out = func(*args, **kwargs)
+        if self.depth == 0 and packet in _FORMULAS:
+            flops = _FORMULAS[packet](*args, **kwargs, out_val=out)
+            self.records.append(LayerCost(str(packet), None, int(flops) // 2))
+        return out
 
 
 def as_inputs(model: nn.Module, input_shape=None, example_inputs=None) -> tuple:
@@ -113,37 +147,47 @@ def as_inputs(model: nn.Module, input_shape=None, example_inputs=None) -> tuple:
 
 
 def profile(model: nn.Module, input_shape=None, example_inputs=None) -> list[LayerCost]:
-    """Run one forward pass (eval mode, no grad) and record the cost of every counted layer
-    call, in call order (a layer called twice appears twice)."""
+    """Run one forward pass (eval mode, no grad) and record the cost of every counted call,
+    in call order (a layer called twice appears twice). Each SVD layer's plan records the
+    calls of this pass (and whether other code read its `.weight`): the input sizes that
+    counts, budgets and export use afterwards. Every module's train/eval mode is restored."""
     model = unwrap(model)
     records: list[LayerCost] = []
     inputs = as_inputs(model, input_shape, example_inputs)
+    products = _Products(records)
 
-    def hook(name):
-        def fn(module, args, output):
-            rec = _cost(name, module, args, output)
+    def enter(module, args):
+        products.depth += 1
+
+    def leave(name):
+        def fn(module, args, kwargs, output):
+            products.depth -= 1
+            rec = _cost(name, module, args, kwargs, output)
             if rec is not None:
                 records.append(rec)
         return fn
 
-    # A layer inside an SVD layer or an attention/RNN module is not called on its own (or is
-    # counted by its parent): only the outermost counted modules get hooks.
+    # A layer inside a counted module is not called on its own (or is counted by its parent):
+    # only the outermost counted modules get hooks; inside them nothing else is counted.
     handles, inside = [], []
     for n, m in model.named_modules():
-        if any(n.startswith(p + ".") for p in inside):
+        if any(n.startswith(p + ".") for p in inside) or not isinstance(m, COUNTED):
             continue
-        if counts_products(m):  # its projections count on their own
-            handles.append(m.register_forward_hook(hook(n)))
-        elif isinstance(m, COUNTED):
-            handles.append(m.register_forward_hook(hook(n)))
-            inside.append(n)
-    was_training = model.training
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave(n), with_kwargs=True))
+        inside.append(n)
+    modes = {m: m.training for m in model.modules()}
+    for _, layer in svd_layers(model):
+        layer.plan.calls, layer.plan.reads_weight = [], False
+    Recording.active = True
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), products:
             model(*inputs)
     finally:
-        model.train(was_training)
+        Recording.active = False
+        for m, training in modes.items():
+            m.training = training
         for h in handles:
             h.remove()
     return records
@@ -163,15 +207,8 @@ def count_macs(model: nn.Module, input_shape=None, cost: str = "deploy", *, exam
 
 
 def layer_params(layer: SVDLayer, cost: str = "deploy") -> int:
-    """Parameters of an SVD layer as deployed: factor pair at its rank or dense weight."""
-    bias = 0 if layer.bias is None else layer.bias.numel()
-    dense = layer.rows * layer.cols
-    factored = layer.rank * (layer.rows + layer.cols)
-    if cost == "dense":
-        return dense + bias
-    if cost == "factored":
-        return factored + bias
-    return (factored if layer.ships_factored(*layer.macs()) else dense) + bias
+    """Parameters of an SVD layer as deployed (its plan's rule), bias included."""
+    return layer.plan.params(cost=cost) + (0 if layer.bias is None else layer.bias.numel())
 
 
 def count_params(model: nn.Module, cost: str = "deploy") -> int:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .layers import SVDLayer, svd_layers
+from .importance import EnergyShare
 from .macs import LayerCost, profile
 
 
@@ -36,7 +37,7 @@ def _keep_top(layer: SVDLayer, k: int, score: torch.Tensor | None = None) -> Non
 
 def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: float | None = None,
           input_shape=None, optimizer: torch.optim.Optimizer | None = None, example_inputs=None,
-          scores: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+          scores=None, round_to: int = 1) -> dict[str, int]:
     """Prune singular values of every SVD layer; returns {qualified_name: rank}.
 
     keep_energy: per layer, keep the fewest largest values whose squares hold at least this
@@ -44,19 +45,23 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
     macs_budget: instead, bring the whole model's deploy MACs to <= this fraction of its
         dense MACs (needs `input_shape`, or `example_inputs` for models that take token ids or
         several inputs: a tensor or tuple passed to the model as is). Rule: a layer at rank k
-        loses the energy share of the values it drops (sum of s_i^2 / sum_j s_j^2 over them)
-        and costs its deploy MACs: the factor pair, or the dense layer where that is cheaper
-        (as `export` builds it). The total share lost is minimised under the budget over each
-        layer's lower convex hull of (MACs, share lost): hull segments are taken cheapest
-        first (least energy per MAC saved, never a layer's last value) until the budget holds,
-        then single values are given back, most energy per MAC first, while it still holds.
-        The hull lets a layer above its crossover (dense: one value saves nothing) go straight
-        to the rank where cutting pays, scored by the whole step; a layer never taken below
-        its crossover keeps all its values.
-    scores: with macs_budget, {layer name: one non-negative importance per singular value}
-        (e.g. `loss_importance`) replaces the energy shares: the same rule then minimises the
-        total importance lost, compared across layers as is, and each layer keeps its
-        highest-scored values.
+        loses the importance of the values it drops (by default each value's energy share,
+        s_i^2 / sum_j s_j^2 of its layer) and costs its deploy MACs over every call (the
+        plan's rule: the factor pair, or the dense layer where that is cheaper, as `export`
+        builds it). The total importance lost is minimised under the budget over each
+        layer's lower convex hull of (MACs, importance lost): hull segments are taken cheapest
+        first (least importance per MAC saved, never a layer's last value) until the budget
+        holds, then values are given back, most importance per MAC first, while it still
+        holds. The hull lets a layer above its crossover (dense: one value saves nothing) go
+        straight to the rank where cutting pays, scored by the whole step; a layer never taken
+        below its crossover keeps all its values.
+    scores: with macs_budget, the importance of each value instead of its energy share: an
+        importance object called as `scores(name, layer)` (`EnergyShare`,
+        `SingularValueImportance` filled in your loop, or your own), or a dict {layer name: one
+        non-negative score per singular value} (e.g. `loss_importance`). Scores are compared
+        across layers as they are; each layer keeps its highest-scored values.
+    round_to: ranks are multiples of this (or a layer's full active rank): a constraint of the
+        allocation (and of keep_energy's ranks, rounded up), for kernels that prefer such sizes.
     Pruned values are masked and zeroed: they no longer affect output, losses or training.
     optimizer: an optimizer you keep training with; its per-parameter state (momentum, Adam's
         moments) is zeroed at the pruned entries, so pruned values stay exactly zero.
@@ -67,6 +72,8 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
         raise ValueError("give exactly one of keep_energy or macs_budget")
     if scores is not None and macs_budget is None:
         raise ValueError("scores rank singular values under a macs_budget only")
+    if not (isinstance(round_to, int) and round_to >= 1):
+        raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
     layers = list(svd_layers(model))
     if not layers:
         raise ValueError("the model has no SVD layers (decompose(model) first; it replaces plain Conv2d/Linear layers only)")
@@ -75,9 +82,10 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
             raise ValueError(f"keep_energy must be in (0, 1], got {keep_energy!r}")
         for _, layer in layers:
             active_s = layer.s.detach()[layer.active]
-            _keep_top(layer, energy_rank(active_s, float(keep_energy)))
+            k = energy_rank(active_s, float(keep_energy))
+            _keep_top(layer, min(layer.rank, -(-k // round_to) * round_to))
     else:
-        _prune_to_budget(model, float(macs_budget), input_shape, example_inputs, _by_layer(model, scores))
+        _prune_to_budget(model, float(macs_budget), input_shape, example_inputs, _importance(model, scores), round_to)
     if optimizer is not None:
         clear_pruned_state(model, optimizer)
     return ranks(model)
@@ -99,65 +107,68 @@ def clear_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> No
                         value[index] = 0.0
 
 
-def _by_layer(model: nn.Module, scores: dict[str, torch.Tensor] | None) -> dict[int, torch.Tensor] | None:
-    """{id(layer): its scores}, checked against the model's SVD layers."""
+def _importance(model: nn.Module, scores):
+    """The budget rule's importance as one callable (name, layer) -> per-value scores: energy
+    shares by default, an importance object as it is, a dict checked against the model."""
     if scores is None:
-        return None
+        return EnergyShare()
+    if callable(scores) and not isinstance(scores, dict):
+        return scores
     layers = dict(svd_layers(model))
     if set(scores) != set(layers):
         missing, extra = sorted(set(layers) - set(scores)), sorted(set(scores) - set(layers))
         raise ValueError(f"scores must name every SVD layer: missing {missing[:3]}, unknown {extra[:3]}")
-    out = {}
+    checked = {}
     for name, layer in layers.items():
         score = torch.as_tensor(scores[name]).detach().double().cpu()
         if score.shape != layer.s.shape or bool((score < 0).any()) or not bool(torch.isfinite(score).all()):
             raise ValueError(f"scores['{name}'] must hold {layer.s.numel()} finite values >= 0")
-        out[id(layer)] = score
-    return out
+        checked[name] = score
+    return lambda name, layer: checked[name]
 
 
-def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_inputs=None,
-                     scores: dict[int, torch.Tensor] | None = None) -> dict[str, int]:
+def rank_floor(records: list[LayerCost]) -> tuple[int, int]:
+    """(deploy MACs at rank 1 in every SVD layer, dense MACs) of a profiled pass: no budget
+    below floor / dense can be met by pruning singular values."""
+    layers = {id(r.module): r.module for r in records if isinstance(r.module, SVDLayer)}
+    fixed = sum(r.macs() for r in records if not isinstance(r.module, SVDLayer))
+    return (fixed + sum(layer.plan.macs(1) for layer in layers.values()),
+            sum(r.macs("dense") for r in records))
+
+
+def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_inputs, importance,
+                     round_to: int = 1) -> dict[str, int]:
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"macs_budget must be in (0, 1], got {budget!r}")
     if input_shape is None and example_inputs is None:
         raise ValueError("macs_budget needs input_shape, e.g. (1, 3, 32, 32), or example_inputs")
-    records = profile(model, input_shape, example_inputs)
-    dense_total = sum(r.macs("dense") for r in records)
+    records = profile(model, input_shape, example_inputs)  # records each layer's calls in its plan
+    floor, dense_total = rank_floor(records)
     target = budget * dense_total
-    svd: dict[int, LayerCost] = {}  # per layer, its costs summed over every call in the pass
-    for r in records:
-        if isinstance(r.module, SVDLayer) and r.module.plan.form != "dense":  # "dense" plans: fixed cost
-            total_cost = svd.setdefault(id(r.module), LayerCost(r.name, r.module, 0, 0))
-            total_cost.dense += r.dense
-            total_cost.per_rank += r.per_rank
-    rank = {key: r.module.rank for key, r in svd.items()}
-    fixed = sum(r.macs() for r in records if id(r.module) not in svd)
-
-    def cost(r: LayerCost, k: int) -> int:  # as the layer ships at rank k
-        return r.per_rank * k if r.module.ships_factored(r.dense, r.per_rank * k) else r.dense
-
-    def total() -> int:
-        return fixed + sum(cost(r, rank[k]) for k, r in svd.items())
-
-    floor = fixed + sum(cost(r, 1) for r in svd.values())
     if floor > target:
         raise ValueError(f"macs_budget {budget:g} is below what rank 1 everywhere reaches "
                          f"({floor / dense_total:.3f} of dense MACs)")
-    # Per layer: what each active value is worth, smallest first (the removal order): its
-    # energy share, or its given score.
+    names = {id(m): n for n, m in svd_layers(model)}
+    svd: dict[int, SVDLayer] = {}  # the layers whose rank is free, in call order
+    for r in records:
+        if isinstance(r.module, SVDLayer) and r.module.plan.form != "dense":  # "dense" plans: fixed cost
+            svd.setdefault(id(r.module), r.module)
+    rank = {key: layer.rank for key, layer in svd.items()}
+    fixed = sum(r.macs() for r in records if id(r.module) not in svd)
+
+    def cost(key: int, k: int) -> int:  # as the layer ships at rank k, over all its calls
+        return svd[key].plan.macs(k)
+
+    # Per layer: what each active value is worth, smallest first (the removal order).
     shares, full = {}, dict(rank)
-    for key, r in svd.items():
-        layer = r.module
-        if scores is None:
-            e = layer.s.detach().double()[layer.active].pow(2)
-            shares[key] = (e / e.sum().clamp_min(1e-300)).sort().values.tolist()
-        else:
-            shares[key] = scores[key][layer.active.cpu()].sort().values.tolist()
-    hulls = {key: _hull(shares[key], lambda k, r=r: cost(r, k)) for key, r in svd.items()}
+    for key, layer in svd.items():
+        score = importance(names[key], layer).detach().double().cpu()
+        shares[key] = score[layer.active.cpu()].sort().values.tolist()
+    allowed = {key: (lambda k, top=full[key]: k == top or k % round_to == 0) for key in svd}
+    hulls = {key: _hull(shares[key], lambda k, key=key: cost(key, k), allowed[key]) for key in svd}
     order = {key: i for i, key in enumerate(svd)}  # ties break by layer order, not by id()
 
-    def push(heap, key, i):  # the layer's next hull segment, scored by energy lost per MAC saved
+    def push(heap, key, i):  # the layer's next hull segment, scored by importance lost per MAC saved
         hull = hulls[key]
         if i + 1 < len(hull):
             (_, c0, l0), (_, c1, l1) = hull[i], hull[i + 1]
@@ -166,22 +177,23 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
     heap = []
     for key in svd:
         push(heap, key, 0)
-    current = total()
+    current = fixed + sum(cost(key, rank[key]) for key in svd)
     while current > target and heap:
         _, _, key, i = heapq.heappop(heap)
-        r, new = svd[key], hulls[key][i][0]
-        current -= cost(r, rank[key]) - cost(r, new)
+        new = hulls[key][i][0]
+        current -= cost(key, rank[key]) - cost(key, new)
         rank[key] = new
         push(heap, key, i)
-    # The last segment may overshoot the budget: give back the most energy per MAC that fits.
+    # The last segment may overshoot the budget: give back the most importance per MAC that fits.
     while True:
         best = None
-        for key, r in svd.items():
+        for key, layer in svd.items():
             k, top = rank[key], full[key]
             if k >= top:
                 continue
-            back = k + 1 if r.module.ships_factored(r.dense, r.per_rank * (k + 1)) else top
-            added = cost(r, back) - cost(r, k)
+            back = min(top, k + round_to - k % round_to)
+            back = back if layer.plan.ships_factored(back) else top
+            added = cost(key, back) - cost(key, k)
             gained = sum(shares[key][top - back: top - k])
             if added <= target - current and (best is None or gained * best[0] > best[1] * added):
                 best = (added, gained, key, back)
@@ -189,19 +201,22 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
             break
         current += best[0]
         rank[best[2]] = best[3]
-    for key, r in svd.items():
-        _keep_top(r.module, rank[key], None if scores is None else scores[key])
+    for key, layer in svd.items():
+        _keep_top(layer, rank[key], None if isinstance(importance, EnergyShare) else importance(names[key], layer))
     return ranks(model)
 
 
-def _hull(shares: list[float], cost) -> list[tuple[int, int, float]]:
-    """The ranks worth stopping at in one layer: the lower convex hull of (deploy MACs, energy
-    share lost) over k = K..1, as (k, cost(k), lost(k)) from k = K down, so that its segments
-    lose ever more energy per MAC saved. `shares`: the K active values' shares, ascending."""
+def _hull(shares: list[float], cost, allowed=lambda k: True) -> list[tuple[int, int, float]]:
+    """The ranks worth stopping at in one layer: the lower convex hull of (deploy MACs,
+    importance lost) over the allowed k = K..1, as (k, cost(k), lost(k)) from k = K down, so
+    that its segments lose ever more per MAC saved. `shares`: the K active values' scores,
+    ascending."""
     top = len(shares)
     hull, lost = [(top, cost(top), 0.0)], 0.0
     for k in range(top - 1, 0, -1):
         lost += shares[top - k - 1]
+        if not allowed(k):
+            continue
         c = cost(k)
         if c >= hull[-1][1]:
             continue  # saves nothing over a rank that loses less (a layer above its crossover)

@@ -196,7 +196,8 @@ class Stages:
         if self.rank != 0:
             return
         model = unwrap(self.model).eval()
-        atomic_save({k: v.cpu() for k, v in model.state_dict().items()}, self.out / "model_state.pt")
+        atomic_save({k: v.cpu() if torch.is_tensor(v) else v for k, v in model.state_dict().items()},
+                    self.out / "model_state.pt")
         atomic_write_text(self.out / "ranks.json", json.dumps(ranks(model), indent=1) + "\n")
         ex = self.cfg["export"]
         # Timed (choose=latency) on the run's own device, then moved to the CPU to be saved.
