@@ -204,3 +204,32 @@ def test_round_to_constrains_the_allocation():
     got = svdtrain.prune(model, macs_budget=0.4, input_shape=(1, 64), round_to=8)
     assert all(k % 8 == 0 for k in got.values())
     assert svdtrain.count_macs(model, (1, 64)) <= 0.4 * (64 * 64 + 64 * 48)
+
+
+def test_importance_objects_and_dicts_are_one_interface():
+    torch.manual_seed(0)
+    base = svdtrain.decompose(TinyResNet(), init="svd")
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    imp = svdtrain.SingularValueImportance(base)
+    F.cross_entropy(base(x), y).backward()
+    imp.accumulate()
+    shape = (1, 3, 16, 16)
+    a, b, c, d = (copy.deepcopy(base) for _ in range(4))
+    assert svdtrain.prune(a, macs_budget=0.5, input_shape=shape) == \
+        svdtrain.prune(b, macs_budget=0.5, input_shape=shape, scores=svdtrain.EnergyShare())
+    by_object = svdtrain.prune(c, macs_budget=0.5, input_shape=shape, scores=imp)
+    assert by_object == svdtrain.prune(d, macs_budget=0.5, input_shape=shape, scores=imp.scores())
+    assert by_object != svdtrain.ranks(a)  # loss scores allocate otherwise than energy here
+    assert all(torch.equal(lc.active, ld.active) for (_, lc), (_, ld) in zip(svdtrain.svd_layers(c), svdtrain.svd_layers(d)))
+
+
+def test_budget_controller_follows_a_schedule_object():
+    model = svdtrain.decompose(TinyResNet())
+    reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=1e-3)
+    budget = svdtrain.BudgetController(model, reg, 0.5, (1, 3, 16, 16), total_steps=100, target_at=0.4)
+    budget.step()
+    line = svdtrain.LinearSchedule(0.5, until=40)
+    assert budget.schedule(20) == line(20, budget.start) == pytest.approx(0.5 + (budget.start - 0.5) / 2)
+    steps = svdtrain.BudgetController(model, reg, 0.5, (1, 3, 16, 16), total_steps=100,
+                                      schedule=lambda step, start: 0.9 if step < 50 else 0.5)
+    assert steps.schedule(10) == 0.9 and steps.schedule(60) == 0.5

@@ -8,10 +8,10 @@
     compact = svdtrain.export(model)               # ordinary nn layers only
 """
 from .attention import SVDMultiheadAttention
-from .budget import BudgetController
+from .budget import BudgetController, LinearSchedule
 from .decompose import decompose
 from .export import export, export_program
-from .importance import SingularValueImportance, loss_importance
+from .importance import EnergyShare, SingularValueImportance, loss_importance
 from .layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
 from .losses import Regularizer, orthogonality_loss, param_groups, sparsity_loss
 from .macs import count_macs, count_params
@@ -22,5 +22,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetController", "SVDMultiheadAttention", "decompose", "export", "export_program", "SVDConv2d", "SVDLayer", "SVDLinear", "svd_layers",
     "Regularizer", "orthogonality_loss", "sparsity_loss", "param_groups", "count_macs",
-    "count_params", "prune", "ranks", "set_ranks", "SingularValueImportance", "loss_importance", "__version__",
+    "count_params", "prune", "ranks", "set_ranks", "SingularValueImportance", "loss_importance",
+    "EnergyShare", "LinearSchedule", "__version__",
 ]

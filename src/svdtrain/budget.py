@@ -74,6 +74,19 @@ def budget_warning(macs_fraction: float, target: float, keep_energy: float, tole
             "carry energy (train longer, or start from a larger sparsity strength)")
 
 
+class LinearSchedule:
+    """The MACs fraction asked for at a step: a straight line from the start (the fraction
+    measured at the first step) down to `target`, reached at step `until`, then held. Any
+    callable `(step, start) -> fraction` can stand in for it (`BudgetController(schedule=...)`)."""
+
+    def __init__(self, target: float, until: float):
+        self.target, self.until = float(target), max(float(until), 1e-9)
+
+    def __call__(self, step: int, start: float) -> float:
+        start = max(start, self.target)
+        return self.target + (start - self.target) * max(0.0, 1.0 - step / self.until)
+
+
 class BudgetController:
     """Steers `reg.strength` so the MACs at `keep_energy` reach `target_macs` (a fraction of
     the dense whole-model MACs) at `target_at` of `total_steps` and stay there.
@@ -92,7 +105,7 @@ class BudgetController:
                  *, target_at: float = 0.5, keep_energy: float = 0.9999, every: int | None = None, gain: float = 0.5,
                  horizon: int = 5, relax: float = 4.0, mask: bool = False, optimizer=None, example_inputs=None,
                  min_strength: float = 1e-6, max_strength: float = 10.0, tolerance: float = 0.03,
-                 score: str = "energy", round_to: int = 1):
+                 score: str = "energy", round_to: int = 1, schedule=None):
         if not 0.0 < target_macs <= 1.0:
             raise ValueError(f"target_macs must be in (0, 1], got {target_macs!r}")
         if not 0.0 < target_at <= 1.0:
@@ -109,6 +122,7 @@ class BudgetController:
         self.relax = relax
         self.bounds, self.tolerance = (min_strength, max_strength), tolerance
         self.reg.strength = min(max(reg.strength or min_strength, min_strength), max_strength)
+        self._schedule = schedule or LinearSchedule(self.target, self.target_at * self.total)
         self.lead = int(0.1 * self.target_at * self.total)  # with mask: a tenth of the ramp ahead
         self.mask, self.optimizer, self.inputs = mask, optimizer, {"input_shape": input_shape,
                                                                    "example_inputs": example_inputs}
@@ -132,9 +146,7 @@ class BudgetController:
     def schedule(self, step: int | None = None) -> float:
         """The MACs fraction the schedule asks for at `step` (default: now)."""
         t = self.steps if step is None else step
-        start = self.target if self.start is None else max(self.start, self.target)
-        left = max(0.0, 1.0 - t / (self.target_at * self.total))
-        return self.target + (start - self.target) * left
+        return self._schedule(t, self.target if self.start is None else self.start)
 
     def step(self) -> float:
         """Call after every optimizer step; returns the strength in force."""
@@ -158,9 +170,12 @@ class BudgetController:
             self.reg.strength = min(max(s, self.bounds[0]), self.bounds[1])
             if self.mask:
                 self._mask_to(want)
-                if self.steps >= self.target_at * self.total:
+                if self._ramp_done():
                     self._set_masked(False)  # ranks are final: the forward runs at them
         return self.reg.strength
+
+    def _ramp_done(self) -> bool:
+        return self.start is not None and self.schedule() <= self.target
 
     def _set_masked(self, masked: bool) -> None:
         """While masks move, SVD layers run at full width times the mask (see Plan.masked)."""
@@ -189,7 +204,7 @@ class BudgetController:
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.start, self.last, self.slope = state["steps"], state["start"], state["last"], state["slope"]
-        self._set_masked(self.mask and self.steps < self.target_at * self.total)
+        self._set_masked(self.mask and not self._ramp_done())
         self.reg.strength = state["strength"]
         if self.importance is not None and state.get("importance") is not None:
             self.importance.load_state_dict(state["importance"])
