@@ -170,8 +170,8 @@ class BudgetController:
             self.reg.strength = min(max(s, self.bounds[0]), self.bounds[1])
             if self.mask:
                 self._mask_to(want)
-                if self._ramp_done():
-                    self._set_masked(False)  # ranks are final: the forward runs at them
+        if self.masked and (self.steps >= self.total or (self.steps % self.every == 0 and self._ramp_done())):
+            self._set_masked(False)  # ranks are final: the forward runs at them
         return self.reg.strength
 
     def _ramp_done(self) -> bool:
@@ -179,6 +179,7 @@ class BudgetController:
 
     def _set_masked(self, masked: bool) -> None:
         """While masks move, SVD layers run at full width times the mask (see Plan.masked)."""
+        self.masked = masked
         for _, layer in svd_layers(self.model):
             layer.plan.masked = masked
 
