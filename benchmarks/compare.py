@@ -167,7 +167,7 @@ def pipeline_point(out: Path, cfg: dict) -> dict:
 def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Path | None) -> dict:
     """The baselines that svdtrain's pipeline does not run, in the common fit() loop, from the
     dense model at `start` (None: a fresh init of the config's seed)."""
-    from svdtrain.baselines import TRP, GroupSparsity, filter_prune
+    from baselines import TRP, GroupSparsity, filter_prune  # benchmarks/baselines/
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg["seed"])
     model = build_model("resnet20", 10)

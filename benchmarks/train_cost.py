@@ -52,10 +52,12 @@ def make_step(model, extra_loss=None, after_backward=None, after_step=None, comp
 
 
 def build_steps(name: str, methods: list[str], trp_every: int):
-    steps = {}
+    """One training step per method, each on its own copy of one initial model; returns
+    ({method: step(x, y)}, {method: its model})."""
+    steps, models = {}, {}
     base = build_model(name, num_classes=10)
     for method in methods:
-        model = build_model(name, num_classes=10)
+        model = models[method] = build_model(name, num_classes=10)
         model.load_state_dict(base.state_dict())
         model.train()
         kind, compiled = method.removesuffix("+compile"), method.endswith("+compile")
@@ -69,16 +71,16 @@ def build_steps(name: str, methods: list[str], trp_every: int):
             reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.01)
             steps[method] = make_step(model, reg, compile=compiled)
         elif method == "trp":
-            from svdtrain.baselines import TRP
+            from baselines import TRP  # benchmarks/ is on sys.path when run as a script
             trp = TRP(model, every=trp_every, keep_energy=0.98, nuclear=3e-4)
             steps[method] = make_step(model, after_backward=trp.regularize, after_step=lambda m, i: trp.step(i))
         else:
             raise SystemExit(f"unknown method {method!r}")
-    return steps
+    return steps, models
 
 
 def measure(name, methods, batch, reps, warmup, trp_every):
-    steps = build_steps(name, methods, trp_every)
+    steps, _ = build_steps(name, methods, trp_every)
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
     times = {m: [] for m in methods}

@@ -1,6 +1,8 @@
-"""Baselines: post-hoc SVD, filter pruning (Torch-Pruning) and TRP, checked against hand
-computations (own MAC counter, own SVDs and energy ranks)."""
-import importlib.util
+"""The benchmarks' comparison methods (benchmarks/baselines/): filter pruning (Torch-Pruning) and
+TRP, checked against hand computations (own MAC counter, own SVDs and energy ranks); and the
+training-cost benchmark's TRP steps."""
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +11,12 @@ from torch import nn
 
 import svdtrain
 from helpers import GroupedNet, TinyResNet, randomize_bn
-from svdtrain.baselines import TRP, GroupSparsity, filter_prune, posthoc_svd
 from svdtrain.models import SmallCNN, resnet20
+
+# benchmarks/ is on sys.path when a benchmark runs as a script; the same here
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import train_cost  # noqa: E402
+from baselines import TRP, GroupSparsity, filter_prune  # noqa: E402
 
 
 # ----- independent helpers -----
@@ -49,33 +55,6 @@ def spatial(w):
 def num_rank(m):
     s = torch.linalg.svdvals(m.double())
     return int((s > 1e-5 * s.max()).sum())
-
-
-# ----- post-hoc SVD -----
-def test_posthoc_full_energy_keeps_outputs():
-    model = randomize_bn(TinyResNet()).eval()
-    x = torch.randn(2, 3, 16, 16)
-    ref = model(x)
-    ranks = posthoc_svd(model, keep_energy=1.0)
-    assert len(ranks) == 7 and len(list(svdtrain.svd_layers(model))) == 7  # 6 convs + fc
-    assert torch.allclose(model(x), ref, atol=1e-4)
-
-
-def test_posthoc_budget_is_met():
-    model = TinyResNet()
-    shape = (1, 3, 16, 16)
-    dense = hand_macs(model, shape)
-    ranks = posthoc_svd(model, macs_budget=0.5, input_shape=shape, mode="spatial")
-    assert svdtrain.count_macs(model, shape) <= 0.5 * dense
-    assert ranks == {n: layer.rank for n, layer in svdtrain.svd_layers(model)}
-
-
-@pytest.mark.parametrize("kwargs", [{}, {"keep_energy": 0.9, "macs_budget": 0.5}, {"macs_budget": 0.5}])
-def test_posthoc_bad_targets_leave_model_dense(kwargs):
-    model = TinyResNet()
-    with pytest.raises(ValueError):
-        posthoc_svd(model, **kwargs)
-    assert not list(svdtrain.svd_layers(model))
 
 
 # ----- filter pruning -----
@@ -238,12 +217,70 @@ def test_trp_to_svd_model_budget():
     assert svdtrain.count_macs(model, shape) <= 0.4 * dense
 
 
-def test_train_cost_benchmark_trp_steps_run():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_cost.py"
-    spec = importlib.util.spec_from_file_location("train_cost_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    steps = bench.build_steps("small_cnn", ["trp"], trp_every=2)  # TRP(model, every=, ...) + step(i)
-    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
-    for _ in range(2):
-        steps["trp"](x, y)
+def test_trp_leaves_multihead_attention_dense():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    model = Attn().eval()
+    attn = {n: p.detach().clone() for n, p in model.attn.named_parameters()}
+    trp = TRP(model, every=1, keep_energy=0.8)
+    assert trp.layer_names == ["fc"]
+    assert trp.step(1)
+    assert all(torch.equal(p, attn[n]) for n, p in model.attn.named_parameters())
+    assert num_rank(model.fc.weight.detach()) == trp.ranks["fc"] < 6
+    x = torch.randn(2, 5, 8)
+    ref = model(x)
+    assert trp.to_svd_model() == {"fc": trp.ranks["fc"]}
+    assert type(model.attn) is nn.MultiheadAttention
+    assert torch.allclose(model(x), ref, atol=1e-5)
+
+
+# ----- benchmarks/train_cost.py -----
+def weight_matrices(model):
+    return {n: m.weight.detach().flatten(1) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def test_train_cost_trp_step_truncates_every_m_steps():
+    # dense and trp start from the same weights and take the same steps on the same batch, so
+    # the dense model holds the weights that TRP's truncation starts from
+    steps, models = train_cost.build_steps("small_cnn", ["dense", "trp"], trp_every=2)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for method in ("dense", "trp"):
+        steps[method](x, y)
+    dense, trp = weight_matrices(models["dense"]), weight_matrices(models["trp"])
+    assert len(dense) == 4  # 3 convs + fc
+    # step 1 of every 2: a plain training step, no truncation
+    assert all(torch.allclose(trp[n], w, atol=1e-6) for n, w in dense.items())
+    assert all(num_rank(w) == min(w.shape) for w in dense.values())
+    for method in ("dense", "trp"):
+        steps[method](x, y)
+    dense, trp = weight_matrices(models["dense"]), weight_matrices(models["trp"])
+    # step 2: every weight replaced by its truncated SVD keeping 98% of the energy
+    cut = 0
+    for n, w in dense.items():
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        k = hand_energy_rank(s, 0.98)
+        assert num_rank(trp[n]) == k
+        assert torch.allclose(trp[n].double(), (u[:, :k] * s[:k]) @ vh[:k], atol=1e-5)
+        cut += k < min(w.shape)
+    assert cut >= 3  # the convs at least (the 10 x 64 classifier may keep all 10)
+
+
+def test_train_cost_records_a_time_per_method_and_ratios_to_dense(tmp_path):
+    out = tmp_path / "train_cost.json"
+    train_cost.main(["--models", "small_cnn", "--methods", "dense", "svd_training", "trp", "--batch", "4",
+                     "--reps", "2", "--warmup", "1", "--trp-every", "2", "--threads", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (only,) = result["per_model"]
+    assert only["model"] == result["model"] == "small_cnn" and result["trp_every"] == 2 and result["reps"] == 2
+    seconds = only["seconds_per_step"]
+    assert set(seconds) == {"dense", "svd_training", "trp"} and all(t > 0 for t in seconds.values())
+    assert set(only["ratios"]) == {"svd_training", "trp"}
+    for method, ratio in only["ratios"].items():
+        assert ratio == pytest.approx(seconds[method] / seconds["dense"])

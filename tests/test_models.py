@@ -56,10 +56,37 @@ def test_fx_trace_resnet20():
     assert sum(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d) for n in gm.graph.nodes) == 21
 
 
-def test_build_model():
-    for name in MODEL_NAMES:
-        assert isinstance(build_model(name, 10, in_channels=1 if name == "small_cnn" else 3), nn.Module)
-    assert build_model("resnet20", 7, in_channels=1)(torch.randn(1, 1, 8, 8)).shape == (1, 7)
+def _small_cnn_params(num_classes, cin, w=32):
+    """Hand count for SmallCNN: 3x3 convs cin->w->2w->2w without bias, each with BN, linear."""
+    return (9 * cin * w + 2 * w) + (9 * w * 2 * w + 2 * 2 * w) + (9 * 2 * w * 2 * w + 2 * 2 * w) + 2 * w * num_classes + num_classes
+
+
+def _vit_params(num_classes, cin, width=128, depth=6, patch=4, tokens=64, mlp=256):
+    """Hand count for the ViT: patch conv, class token, positions, pre-norm encoder blocks
+    (packed q/k/v projection, output projection, 2-layer MLP, 2 LayerNorms), final norm, head."""
+    embed = cin * patch * patch * width + width + width + (tokens + 1) * width
+    block = (3 * width * width + 3 * width) + (width * width + width) + (width * mlp + mlp) + (mlp * width + width) \
+        + 2 * 2 * width
+    return embed + depth * block + 2 * width + width * num_classes + num_classes
+
+
+HAND_PARAMS = {"resnet20": lambda c, cin: _resnet_params(3, c, cin), "resnet32": lambda c, cin: _resnet_params(5, c, cin),
+               "resnet56": lambda c, cin: _resnet_params(9, c, cin), "resnet110": lambda c, cin: _resnet_params(18, c, cin),
+               "small_cnn": _small_cnn_params, "vit": _vit_params}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_build_model(name):
+    """Every name builds its architecture (hand parameter count) with the asked classes and
+    input channels (neither the defaults), and maps an image of its size to num_classes logits."""
+    m = build_model(name, 7, in_channels=1).eval()
+    assert _count(m) == HAND_PARAMS[name](7, 1)
+    size = 8 if name == "small_cnn" else 32
+    with torch.no_grad():
+        assert m(torch.randn(2, 1, size, size)).shape == (2, 7)
+
+
+def test_build_model_unknown_name():
     with pytest.raises(ValueError, match="resnet20"):
         build_model("vgg16", 10)
 

@@ -297,15 +297,57 @@ def test_fork_a_trained_run_into_two_budgets(tiny, tmp_path):
     assert fork_run(trained, tmp_path / "b0.3") == tmp_path / "b0.3"  # an existing fork is kept
 
 
-@pytest.mark.parametrize("name", ["digits", "cifar10_resnet20", "cifar10_resnet20_full", "cifar10_resnet56",
-                                  "cifar10_resnet20_compress"])
-def test_shipped_configs_load(name):
+@pytest.mark.parametrize("name", sorted(f.removesuffix(".yaml") for f in os.listdir(
+    os.path.join(os.path.dirname(__file__), os.pardir, "configs")) if f.endswith(".yaml")))
+def test_shipped_configs_load(name, tmp_path):
+    """Every shipped config validates, says what its comment says, is the copy the CLI finds
+    by name, and builds its model in SVD form for its dataset: one image in, num_classes
+    logits out, and its MACs target reachable by pruning."""
     from pathlib import Path
 
-    from svdtrain.config import load_config
+    from svdtrain.cli import CONFIG_DIR
+    from svdtrain.config import flatten, load_config
+    from svdtrain.models import build_model
+    from svdtrain.train import build_run_model, input_shape, run_dataset
+    # the values each config's comment states
+    stated = {
+        "digits": {"model": "small_cnn", "dataset": "digits", "regularizer.target_macs": 0.4},
+        "cifar10_resnet20": {"model": "resnet20", "dataset": "cifar10", "regularizer.target_macs": 0.33,
+                             "regularizer.target_at": 0.5, "epochs.train": 10},
+        "cifar10_resnet20_compress": {"model": "resnet20", "dataset": "cifar10", "decompose.init": "svd",
+                                      "regularizer.target_macs": 0.33, "prune.gradual": True, "epochs.train": 4,
+                                      "epochs.finetune": 2},
+        "cifar10_resnet20_full": {"model": "resnet20", "dataset": "cifar10", "device": "cuda", "amp": True,
+                                  "channels_last": True},
+        "cifar10_resnet56": {"model": "resnet56", "dataset": "cifar10"},
+        "cifar10_vit": {"model": "vit", "dataset": "cifar10", "decompose.init": "dense_init",
+                        "regularizer.target_macs": 0.33},
+    }[name]
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
-    cfg = load_config(path, ["decompose.dense_checkpoint=dense.pt"] if name.endswith("compress") else [])
-    assert cfg["model"] and cfg["epochs"]["train"] > 0
+    assert (CONFIG_DIR / f"{name}.yaml").read_text() == path.read_text()
+    overrides = [f"data_dir={tmp_path}"]
+    if name.endswith("compress"):
+        dense = tmp_path / "dense.pt"
+        torch.save(build_model("resnet20", 10).state_dict(), dense)
+        overrides.append(f"decompose.dense_checkpoint={dense}")
+    cfg = load_config(path, overrides)
+    flat = flatten(cfg)
+    assert {key: flat[key] for key in stated} == stated
+    assert cfg["epochs"]["train"] > 0 and cfg["epochs"]["finetune"] > 0 and cfg["decompose"]["enabled"]
+    if name == "cifar10_resnet20_full":  # an orthogonality-only warm-up before the sparsity stage
+        assert cfg["epochs"]["orth"] > 0 and not cfg["regularizer"]["target_macs"]
+    if cfg["dataset"] == "cifar10":
+        write_fake_cifar(tmp_path, n_train=20, n_test=10)
+    data = run_dataset(cfg)
+    model = build_run_model(cfg, data).eval()
+    assert list(svdtrain.svd_layers(model))
+    shape = input_shape(data)
+    with torch.no_grad():
+        assert model(torch.zeros(shape)).shape == (1, data.num_classes)
+    if target := cfg["regularizer"]["target_macs"]:
+        dense_macs = svdtrain.count_macs(build_model(cfg["model"], data.num_classes, data.in_channels), shape)
+        svdtrain.prune(model, macs_budget=target, input_shape=shape)
+        assert svdtrain.count_macs(model, shape) <= target * dense_macs
 
 
 def test_compiled_training_matches_eager(finished, tiny):
