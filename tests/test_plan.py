@@ -233,3 +233,15 @@ def test_budget_controller_follows_a_schedule_object():
     steps = svdtrain.BudgetController(model, reg, 0.5, (1, 3, 16, 16), total_steps=100,
                                       schedule=lambda step, start: 0.9 if step < 50 else 0.5)
     assert steps.schedule(10) == 0.9 and steps.schedule(60) == 0.5
+
+
+def test_an_encoder_layer_that_ships_plain_takes_pytorchs_fused_path_again():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+    svd = svdtrain.decompose(copy.deepcopy(layer))
+    assert svd.activation_relu_or_gelu == 0  # the SVD form runs its layers, not the fused kernel
+    x = torch.randn(2, 5, 16)
+    compact = svdtrain.export(svd, example_inputs=(x,))  # full rank: everything ships dense
+    assert type(compact.self_attn) is nn.MultiheadAttention and compact.activation_relu_or_gelu == 1
+    with torch.no_grad():
+        assert torch.allclose(compact(x), layer(x), atol=1e-5)

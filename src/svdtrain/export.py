@@ -7,6 +7,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .kinds import exported_by
@@ -84,6 +85,7 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
             if not name:
                 return containers[id(module)]
             _set(compact, name, containers[id(module)])
+    _restore_fast_paths(compact)
     if not trace:
         return compact
     try:
@@ -92,6 +94,17 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
         log.info("svdtrain: torch.fx could not trace the model (%s); export keeps its "
                  "module structure", str(err).splitlines()[0] if str(err) else type(err).__name__)
         return compact
+
+
+def _restore_fast_paths(compact: nn.Module) -> None:
+    """decompose turns off nn.TransformerEncoderLayer's fused inference path (it would bypass
+    the SVD layers); an encoder layer that ships all-plain takes it again, as PyTorch sets it."""
+    for m in compact.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and type(m.self_attn) is nn.MultiheadAttention \
+                and type(m.linear1) is nn.Linear and type(m.linear2) is nn.Linear:
+            act = m.activation
+            relu = act is F.relu or isinstance(act, nn.ReLU)
+            m.activation_relu_or_gelu = 1 if relu else 2 if act is F.gelu or isinstance(act, nn.GELU) else 0
 
 
 def _set(root: nn.Module, name: str, new: nn.Module) -> None:
