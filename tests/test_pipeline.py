@@ -271,7 +271,7 @@ def test_dense_init_starts_from_the_fresh_dense_model_in_svd_form():
 
     from svdtrain.config import load_config
     from svdtrain.models import build_model
-    from svdtrain.train import build_run_model
+    from svdtrain.context import build_run_model
     data = SimpleNamespace(num_classes=10, in_channels=3, image_size=32)
     cfg = load_config(None, ["model=small_cnn", "decompose.init=dense_init", "seed=3"])
     svd = build_run_model(cfg, data).eval()
