@@ -3,6 +3,9 @@
 A run lives in one output directory. `checkpoint.pt` (written atomically after every
 epoch) holds the model, optimizer, scheduler, RNG states, metrics and the stage reached,
 so rerunning the same command resumes where a killed run stopped, with the same result.
+`Run` (this file) owns the directory, the checkpoint and the order of the stages;
+context.setup builds what the stages work on, stages.py holds the stage bodies, and their
+training epochs run in engine.train_phase, the loop `engine.fit` runs for any other model.
 
 Stages, in order:
   orth      train with the orthogonality term only (epochs.orth; often 0)
