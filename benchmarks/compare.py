@@ -51,12 +51,13 @@ from pathlib import Path
 import torch
 
 import svdtrain
-from svdtrain.checkpoint import write_metrics
+from svdtrain.checkpoint import model_state, write_metrics
 from svdtrain.config import load_config
 from svdtrain.engine import evaluate, fit, task_loss, train_loader
 from svdtrain.loader import BatchLoader
 from svdtrain.models import build_model
-from svdtrain.train import Run, run_dataset
+from svdtrain.context import run_dataset
+from svdtrain.train import Run
 
 # benchmarks/ is on sys.path when run as a script
 from compare_report import plot, read_points, stages_table, summary_table
@@ -208,7 +209,7 @@ def loop_point(out: Path, data, cfg, level: float, method: str, args, start: Pat
     rows += fit(model, data, cfg, e_f, stage="finetune", reg=reg, quiet=True, checkpoint=out / "finetune.pt")
     write_metrics(out / "metrics.jsonl", rows)  # as a pipeline run keeps them
     model.eval()
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / "model_state.pt")
+    torch.save(model_state(model), out / "model_state.pt")
     compact = svdtrain.export(model, input_shape=SHAPE) if any(svdtrain.svd_layers(model)) else model
     svdtrain.export_program(compact.cpu(), torch.zeros((2,) + SHAPE[1:]), out / "compact.pt2")
     return {"macs": svdtrain.count_macs(model, SHAPE), **accuracies(model, data, cfg),

@@ -1,4 +1,6 @@
-"""Small models and a tiny run config used across tests (independent of svdtrain.models)."""
+"""Small models and a tiny run config used across tests (independent of svdtrain.models), and
+a direct accuracy count for exported programs (independent of svdtrain's evaluation)."""
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -67,3 +69,21 @@ prune: {{keep_energy: 0.999}}
 epochs: {{orth: 1, train: 2, finetune: 1}}
 optim: {{lr: 0.05, schedule: onecycle, finetune_lr: 0.01}}
 """
+
+
+def normalized_test_data(data_dir, val_size=0):
+    """(x, y): the test images of a CIFAR-format folder as a run feeds them, normalized by the
+    statistics of its training split (after holding out val_size images for validation)."""
+    from svdtrain.data import load_cifar
+    data = load_cifar(data_dir)
+    if val_size:
+        data = data.with_validation(val_size)
+    x = (data.x_test.float() / 255 - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
+    return x, data.y_test
+
+
+def program_accuracy(path, x, y) -> float:
+    """Top-1 accuracy of a saved torch.export program (.pt2) on (x, y), counted directly."""
+    module = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        return (module(x).argmax(1) == y).sum().item() / len(y)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import normalized_test_data, program_accuracy
 from svdtrain.data import write_fake_cifar
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
@@ -37,12 +38,18 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
     result = json.loads((out / f"{name}.json").read_text())
     assert {"budget", "dense", "points"} <= set(result) and result["regime"] == regime
     dense = result["dense"]
-    assert 0 <= dense["accuracy"] <= 1 and dense["macs"] > 0
+    # Accuracies are those of the exported programs, counted here on the test set (normalized
+    # by the statistics of the training split left after the validation images).
+    x, y = normalized_test_data(tmp_path / "data", val_size=64)
+    dense_run = tmp_path / "work" / ("dense" if regime == "pretrained" else "dense_s0")
+    assert dense["accuracy"] == pytest.approx(program_accuracy(dense_run / "compact.pt2", x, y), abs=1e-9)
+    assert dense["macs"] > 0
     assert {p["method"] for p in result["points"]} == methods
     for p in result["points"]:
-        assert p["level"] == "50%" and p["seed"] == 0 and 0 <= p["accuracy"] <= 1
+        assert p["level"] == "50%" and p["seed"] == 0
         assert p["macs"] <= 0.5 * dense["macs"], p["method"]
         (run,) = (tmp_path / "work").glob(f"{p['method']}_50_s0_*")  # keyed by budget and settings
+        assert p["accuracy"] == pytest.approx(program_accuracy(run / "compact.pt2", x, y), abs=1e-9), p["method"]
         rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
         stages = ["train", "finetune"]  # one epoch each
         if p["method"] in ("posthoc_svd", "filter_pruning_l1"):  # no training: from a trained model, 2 fine-tunes

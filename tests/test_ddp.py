@@ -3,9 +3,10 @@ import json
 import subprocess
 import sys
 
-from helpers import TINY_CONFIG
-from svdtrain.data import write_fake_cifar
+import pytest
 
+from helpers import TINY_CONFIG, normalized_test_data, program_accuracy
+from svdtrain.data import write_fake_cifar
 
 
 def test_torchrun_two_gloo_processes(tmp_path):
@@ -27,5 +28,8 @@ def test_torchrun_two_gloo_processes(tmp_path):
     steered = [m for m in trained if m["stage"] == "train"]
     assert steered and all(m["strength_spread"] == 0.0 for m in steered)
     assert not list(out.glob("*.tmp*"))
+    # The summary's accuracy, summed over the two ranks' test shards, is the exported model's
+    # on the whole test set: every test image counted once.
     summary = json.loads((out / "summary.json").read_text())
-    assert 0.0 <= summary["accuracy"] <= 1.0
+    x, y = normalized_test_data(tmp_path / "data")
+    assert summary["accuracy"] == pytest.approx(program_accuracy(out / "compact.pt2", x, y), abs=1e-9)

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from helpers import TINY_CONFIG as TINY
+from helpers import TINY_CONFIG as TINY, normalized_test_data
 import svdtrain
 from svdtrain.config import with_defaults
 from svdtrain.data import write_fake_cifar
@@ -53,9 +53,12 @@ def test_run_writes_every_output(finished):
     summary = json.loads((finished / "summary.json").read_text())
     for key in ("accuracy", "dense_accuracy", "macs", "dense_macs", "params", "dense_params", "ranks", "keep_energy"):
         assert key in summary
-    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["macs"] <= summary["dense_macs"]
-    stages = [json.loads(line)["stage"] for line in (finished / "metrics.jsonl").read_text().splitlines()]
-    assert stages == ["orth", "train", "train", "prune", "finetune"]
+    assert summary["macs"] <= summary["dense_macs"]
+    metrics = [json.loads(line) for line in (finished / "metrics.jsonl").read_text().splitlines()]
+    assert [m["stage"] for m in metrics] == ["orth", "train", "train", "prune", "finetune"]
+    # The exported model is the fine-tuned one: the accuracy its last epoch measured. Chance is
+    # 0.1; the generated classes differ in brightness, which four epochs learn.
+    assert summary["accuracy"] == metrics[-1]["test_accuracy"] and summary["accuracy"] > 0.3
     assert json.loads((finished / "ranks.json").read_text()) == summary["ranks"]
 
 
@@ -80,10 +83,7 @@ print(float((m(x).argmax(1) == y).float().mean()))
 
 
 def test_compact_pt2_loads_without_svdtrain_and_matches_accuracy(finished, tiny, tmp_path):
-    from svdtrain.data import load_cifar
-    data = load_cifar(tiny[0] / "data")
-    x = (data.x_test.float() / 255 - data.mean.view(1, -1, 1, 1)) / data.std.view(1, -1, 1, 1)
-    torch.save((x, data.y_test), tmp_path / "test.pt")
+    torch.save(normalized_test_data(tiny[0] / "data"), tmp_path / "test.pt")
     out = subprocess.run([sys.executable, "-c", BLOCKED_EVAL, str(finished / "compact.pt2"), str(tmp_path / "test.pt")],
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -271,7 +271,7 @@ def test_dense_init_starts_from_the_fresh_dense_model_in_svd_form():
 
     from svdtrain.config import load_config
     from svdtrain.models import build_model
-    from svdtrain.train import build_run_model
+    from svdtrain.context import build_run_model
     data = SimpleNamespace(num_classes=10, in_channels=3, image_size=32)
     cfg = load_config(None, ["model=small_cnn", "decompose.init=dense_init", "seed=3"])
     svd = build_run_model(cfg, data).eval()

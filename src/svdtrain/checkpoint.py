@@ -1,4 +1,11 @@
-"""Crash-safe files and RNG state: what lets a killed run resume to the identical result."""
+"""Crash-safe files, RNG state and the training state: what lets a killed run resume to the
+identical result.
+
+A training state is a dict with the keys `format`, `version`, `epoch` (epochs done in the
+current phase), `metrics` (one dict per epoch), `model` (state_dict on the CPU), `optimizer`
+({"opt": ..., "sched": ..., other stepped parts such as "budget"}, or None before the phase's
+first epoch) and `rng`. `engine.fit` writes one as its checkpoint file; a pipeline run's
+checkpoint is one with the run's own fields added (config, stage, done, info, step)."""
 from __future__ import annotations
 
 import hashlib
@@ -22,6 +29,39 @@ def file_digest(path: str | Path) -> str | None:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+TRAIN_FORMAT = "svdtrain-train"
+
+
+def new_training_state(format: str = TRAIN_FORMAT, version: int = 1, **fields) -> dict:
+    """A training state before its first epoch; `fields` adds a caller's own keys."""
+    return {"format": format, "version": version, "epoch": 0, "metrics": [], "model": None,
+            "optimizer": None, "rng": None, **fields}
+
+
+def model_state(model) -> dict:
+    """A model's state_dict detached on the CPU; non-tensor entries (a layer's extra state) as
+    they are."""
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+
+
+def save_training_state(state: dict, model, epoch: int, **parts) -> None:
+    """Record a phase's progress in `state` after `epoch` epochs: the model's weights, the
+    state_dict of each stepped part (optimizer, scheduler, ...; None for a part that is None)
+    under state["optimizer"], and the RNG states."""
+    state.update(epoch=epoch, model=model_state(model), rng=rng_state(),
+                 optimizer={k: None if p is None else p.state_dict() for k, p in parts.items()})
+
+
+def load_training_state(state: dict, model, **parts) -> None:
+    """Resume what save_training_state recorded: the model's weights, each part that is not
+    None, the RNG states."""
+    model.load_state_dict(state["model"])
+    for name, part in parts.items():
+        if part is not None:
+            part.load_state_dict(state["optimizer"][name])
+    set_rng_state(state["rng"])
 
 
 def rng_state() -> dict:

@@ -125,16 +125,16 @@ def _dispatch(args) -> int:
 def _evaluate(out: Path) -> int:
     import torch
 
-    from .loader import BatchLoader
+    from .context import run_dataset
     from .engine import evaluate
-    from .train import Run, run_dataset
+    from .loader import BatchLoader
+    from .train import Run, load_run_model
 
     run = Run(out)
     cfg = run.cfg
     data = run_dataset(cfg)
     loader = BatchLoader(data.x_test, data.y_test, cfg["eval_batch_size"], train=False,
                          mean=data.mean, std=data.std)
-    from .train import load_run_model
     result = {}
     if (out / "model_state.pt").exists():
         result["model_accuracy"] = evaluate(load_run_model(out), loader)

@@ -40,7 +40,7 @@ def replica_spread(model: nn.Module) -> float:
     """Max minus min over ranks of a checksum of all parameters and buffers: 0.0 when every
     replica holds the same model (DDP must keep them identical, regularizer included)."""
     total = sum(t.detach().double().sum() for t in unwrap(model).state_dict().values()
-                if t.is_floating_point())
+                if torch.is_tensor(t) and t.is_floating_point())
     gap = spread(total, total.device)
     if gap > 1e-6 * max(1.0, abs(float(total))):
         raise RunError(f"DDP replicas diverged (parameter checksum spread {gap:.3g})")

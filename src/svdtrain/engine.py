@@ -1,5 +1,6 @@
 """The training engine shared by the pipeline and the benchmarks: optimizer and schedule,
-one epoch of `task loss + reg(model)`, evaluation, and `fit` (a resumable loop for any model)."""
+one epoch of `task loss + reg(model)`, evaluation, `train_phase` (the one resumable training
+loop) and `fit` (that loop for any model, with its training state in one file)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_save, rng_state, set_rng_state
+from .checkpoint import (TRAIN_FORMAT, atomic_save, load_training_state, new_training_state,
+                         save_training_state)
 from .loader import BatchLoader
 from .losses import param_groups
 
@@ -131,33 +133,62 @@ def _bf16_ok() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def train_epochs(model, loader, opt, sched, reg, cfg: dict, device, *, stage: str, epochs: int, start: int = 0,
-                 accuracies, save, world: int = 1, quiet: bool = False, on_backward=None, on_step=None,
-                 extra_stats=None, log=print) -> None:
-    """The epoch loop of every training phase (the pipeline's stages, `fit`): per epoch, one
-    `train_epoch` on the stage's own shuffle order, then accuracies() (test, validation), the
-    lr, seconds and extra_stats(), then save(epoch, stats) (the caller's checkpoint)."""
+def train_phase(model, loader, opt, sched, reg, cfg: dict, device, *, stage: str, epochs: int, state: dict,
+                save, accuracies, parts: dict | None = None, forward=None, world: int = 1, quiet: bool = False,
+                on_backward=None, on_step=None, extra_stats=None, log=print) -> None:
+    """The training loop of every phase (the pipeline's training stages, `fit`). `state` is a
+    training state (checkpoint.py): when it holds this phase's progress (state["optimizer"]
+    set), the model, opt, sched, the other stepped `parts` ({name: object with state_dict})
+    and the RNG resume from it. Then per epoch from state["epoch"]: one `train_epoch` of
+    `forward` (the module training calls: the model in DDP or compiled; default the model)
+    on the stage's own shuffle order; accuracies() (test, validation), the lr, seconds and
+    extra_stats() are appended to state["metrics"], the training state is recorded in
+    `state` and save(state) writes it."""
+    parts = {"opt": opt, "sched": sched, **(parts or {})}
+    if state["optimizer"] is not None:
+        load_training_state(state, model, **parts)
+    forward = model if forward is None else forward
     stage_seed = STAGES.index(stage) * 10_000  # each stage its own data order, the same on resume
-    for epoch in range(start, epochs):
+    for epoch in range(state["epoch"], epochs):
         t0 = time.perf_counter()
         loader.set_epoch(stage_seed + epoch)
-        stats = train_epoch(model, loader, opt, sched, reg, cfg, device, desc=f"{stage} {epoch + 1}/{epochs}",
+        stats = train_epoch(forward, loader, opt, sched, reg, cfg, device, desc=f"{stage} {epoch + 1}/{epochs}",
                             quiet=quiet, world=world, where=f"stage '{stage}', epoch {epoch + 1}",
                             on_backward=on_backward, on_step=on_step)
         stats.update(accuracies())
         stats.update(stage=stage, epoch=epoch + 1, lr=opt.param_groups[0]["lr"],
                      seconds=round(time.perf_counter() - t0, 3), **(extra_stats() if extra_stats else {}))
-        save(epoch + 1, stats)
+        state["metrics"].append(stats)
+        save_training_state(state, model, epoch + 1, **parts)
+        save(state)
         if not quiet:
             log(f"[{stage} {epoch + 1}/{epochs}] loss {stats['task_loss']:.3f} train {stats['train_accuracy']:.2%} "
                 f"test {stats['test_accuracy']:.2%} {stats['seconds']:.0f}s")
 
 
+def read_training_state(path: Path) -> dict:
+    """The training state in a `fit` checkpoint file; files written before the format marker
+    (opt and sched at the top level) are read into the current layout."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RunError(f"{path} is not a readable checkpoint ({type(err).__name__})") from None
+    if isinstance(state, dict) and "format" not in state and {"opt", "sched", "model", "rng"} <= set(state):
+        legacy = new_training_state(epoch=state["epoch"], metrics=state["metrics"], model=state["model"],
+                                    rng=state["rng"])
+        legacy["optimizer"] = {"opt": state["opt"], "sched": state["sched"]}
+        return legacy
+    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+        raise RunError(f"{path} is not an svdtrain training checkpoint")
+    return state
+
+
 def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpoint=None, quiet=False,
         on_backward=None, on_step=None, log=print) -> list[dict]:
     """Train any model for `epochs` with the run config's optimizer, schedule and augmentation
-    (single process): the loop the benchmarks use for baselines. With `checkpoint`, state is
-    saved after every epoch and a rerun resumes from it. Returns per-epoch metrics."""
+    (single process) in the pipeline's loop (`train_phase`): the loop the benchmarks use for
+    baselines. With `checkpoint`, the training state is saved there after every epoch and a
+    rerun resumes from it. Returns the per-epoch metrics."""
     cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     model.to(device)
@@ -168,22 +199,10 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
         evals["val_accuracy"] = BatchLoader(data.x_val, data.y_val, cfg["eval_batch_size"], train=False,
                                             mean=data.mean, std=data.std, device=device)
     opt, sched = make_optimizer(model, cfg, stage, epochs * len(loader))
-    state = {"epoch": 0, "metrics": []}
     ckpt = Path(checkpoint) if checkpoint else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        set_rng_state(state["rng"])
-
-    def save(epoch, stats):
-        state["metrics"].append(stats)
-        if ckpt is not None:
-            state.update(epoch=epoch, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                         rng=rng_state())
-            atomic_save(state, ckpt)
-    train_epochs(model, loader, opt, sched, reg, cfg, device, stage=stage, epochs=epochs, start=state["epoch"],
-                 accuracies=lambda: {k: evaluate(model, v) for k, v in evals.items()}, save=save, quiet=quiet,
-                 on_backward=on_backward, on_step=on_step, log=log)
+    state = read_training_state(ckpt) if ckpt is not None and ckpt.exists() else new_training_state()
+    train_phase(model, loader, opt, sched, reg, cfg, device, stage=stage, epochs=epochs, state=state,
+                save=lambda s: atomic_save(s, ckpt) if ckpt is not None else None,
+                accuracies=lambda: {k: evaluate(model, v) for k, v in evals.items()}, quiet=quiet,
+                on_backward=on_backward, on_step=on_step, log=log)
     return state["metrics"]

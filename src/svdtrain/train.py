@@ -3,6 +3,9 @@
 A run lives in one output directory. `checkpoint.pt` (written atomically after every
 epoch) holds the model, optimizer, scheduler, RNG states, metrics and the stage reached,
 so rerunning the same command resumes where a killed run stopped, with the same result.
+`Run` (this file) owns the directory, the checkpoint and the order of the stages;
+context.setup builds what the stages work on, stages.py holds the stage bodies, and their
+training epochs run in engine.train_phase, the loop `engine.fit` runs for any other model.
 
 Stages, in order:
   orth      train with the orthogonality term only (epochs.orth; often 0)
@@ -15,72 +18,28 @@ Stages, in order:
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import config as config_mod
-from .checkpoint import atomic_save, file_digest, set_rng_state, write_metrics
-from .data import load_dataset
-from .decompose import decompose
+from .checkpoint import atomic_save, file_digest, model_state, new_training_state, write_metrics
+from .context import build_run_model, run_dataset, setup
 from .distributed import setup_distributed
-from .engine import STAGES, RunError, evaluate
-from .layers import svd_layers, unwrap
-from .loader import BatchLoader
-from .macs import count_macs, count_params
-from .models import build_model
-from .stages import Stages
+from .engine import STAGES, RunError
+from .stages import STAGE_BODIES
 
-TRAIN_STAGES = ("orth", "train", "finetune")
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "svdtrain-run"
 
 
-def run_dataset(cfg: dict):
-    """The dataset a run config names (errors as one-line RunErrors)."""
-    kw = {"image_size": cfg["image_size"]} if cfg["dataset"] == "folder" else {}
-    try:
-        data = load_dataset(cfg["dataset"], cfg["data_dir"], **kw)
-        return data.with_validation(cfg["val_size"]) if cfg.get("val_size") else data
-    except (FileNotFoundError, ValueError) as err:
-        raise RunError(str(err).splitlines()[0]) from None
-
-
-def input_shape(data) -> tuple[int, int, int, int]:
-    return (1, data.in_channels, data.image_size, data.image_size)
-
-
-def build_run_model(cfg: dict, data, fresh: bool = True) -> nn.Module:
-    """The model of a run, in SVD form unless decompose.enabled is false. fresh=False: the
-    caller loads the run's own weights next, so init: svd need not read the dense checkpoint."""
-    torch.manual_seed(cfg["seed"])
-    model = build_model(cfg["model"], num_classes=data.num_classes, in_channels=data.in_channels)
-    d = cfg["decompose"]
-    if d["enabled"]:
-        if d["init"] == "svd" and fresh:
-            path = Path(d["dense_checkpoint"])
-            if not path.is_file():
-                raise RunError(f"decompose.dense_checkpoint not found: {path}")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as err:
-                raise RunError(f"{path} does not fit model {cfg['model']}: "
-                               f"{str(err).splitlines()[0]}") from None
-        # dense_init: the SVD of the freshly initialised dense weights, i.e. the dense model's
-        # own starting point in SVD form (singular values spread like a Kaiming init's).
-        init = "svd" if d["init"] in ("svd", "dense_init") else d["init"]
-        decompose(model, mode=d["mode"], init=init if fresh else "random", skip=d["skip"] or None,
-                  input_shape=input_shape(data) if fresh else None)
-    return model
-
-
-class Run(Stages):
-    """One pipeline run in `out_dir`; create with a config, or resume what is there."""
+class Run:
+    """One pipeline run in `out_dir`; create with a config, or resume what is there. Its
+    checkpoint is a training state (checkpoint.py) with the run's fields: config, stage (the
+    one in progress), done (stages finished), step (optimizer steps so far) and info (what
+    the stages measured)."""
 
     def __init__(self, out_dir, cfg: dict | None = None, quiet: bool = False, log=print):
         self.out = Path(out_dir)
@@ -117,9 +76,7 @@ class Run(Stages):
         # A kill during the very first checkpoint write leaves only our temp files.
         if self.out.exists() and any(not p.name.endswith((".tmp", ".tmp.pt2")) for p in self.out.iterdir()):
             raise RunError(f"{self.out} is not empty and holds no svdtrain run; choose a new --out")
-        return {"format": FORMAT, "version": 1, "config": cfg, "stage": STAGES[0], "epoch": 0,
-                "step": 0, "done": [], "model": None, "optimizer": None, "rng": None,
-                "metrics": [], "info": {}}
+        return new_training_state(FORMAT, 1, config=cfg, stage=STAGES[0], step=0, done=[], info={})
 
     @staticmethod
     def _merge_config(state, cfg):
@@ -147,62 +104,6 @@ class Run(Stages):
         atomic_save(self.state, self.out / CHECKPOINT)
         write_metrics(self.out / "metrics.jsonl", self.state["metrics"])
 
-    # ----- setup -----
-    def _setup(self):
-        cfg = self.cfg
-        if cfg["threads"]:
-            torch.set_num_threads(cfg["threads"])
-        self.rank, self.world, self.device = setup_distributed(cfg["device"])  # a resumed run's device
-        self.cuda = self.device.type == "cuda"
-        self.data = run_dataset(cfg)
-        self.shape = input_shape(self.data)
-        fresh = self.state["model"] is None
-        model = build_run_model(cfg, self.data, fresh=fresh)
-        if fresh:
-            info = self.state["info"]
-            info["dense_macs"] = count_macs(model, self.shape, cost="dense")
-            info["dense_params"] = count_params(model, cost="dense")
-            info["layer_shapes"] = {n: [l.rows, l.cols] for n, l in svd_layers(model)}
-            if cfg["decompose"]["enabled"] and cfg["decompose"]["init"] == "svd":
-                info["dense_checkpoint_sha256"] = file_digest(cfg["decompose"]["dense_checkpoint"])
-        else:
-            model.load_state_dict(self.state["model"])
-        self.model = model.to(self.device)
-        if self.cuda and cfg["channels_last"]:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.is_svd = any(True for _ in svd_layers(self.model))
-        d = self.data
-        common = dict(mean=d.mean, std=d.std, rank=self.rank, world_size=self.world, device=self.device,
-                      channels_last=self.cuda and cfg["channels_last"])
-        self.train_loader = BatchLoader(d.x_train, d.y_train, cfg["batch_size"], train=True,
-                                        augment=cfg["augment"], seed=cfg["seed"], **common)
-        self.test_loader = BatchLoader(d.x_test, d.y_test, cfg["eval_batch_size"], train=False, **common)
-        self.val_loader = (None if d.x_val is None else
-                           BatchLoader(d.x_val, d.y_val, cfg["eval_batch_size"], train=False, **common))
-        if len(self.train_loader) == 0:
-            raise RunError(f"batch_size {cfg['batch_size']} is larger than the {len(d.x_train)} training images "
-                           f"(per process); lower batch_size")
-        if fresh and cfg["decompose"]["enabled"] and cfg["decompose"]["init"] == "svd":
-            # svd init computes exactly what the dense checkpoint computes: its accuracy now
-            # is the dense model's.
-            self.state["info"]["dense_accuracy"] = evaluate(self.model, self.test_loader, self.world)
-        if self.state["rng"] is None:
-            torch.manual_seed(cfg["seed"])
-            np.random.seed(cfg["seed"])
-            random.seed(cfg["seed"])
-        else:
-            set_rng_state(self.state["rng"])
-
-    def _ddp(self):
-        """The module a training stage calls: the model, in DDP across ranks, compiled if asked."""
-        model = self.model
-        if self.world > 1:
-            # Buffers (BatchNorm statistics, pruning masks) are synced from rank 0 after every
-            # epoch instead of on every forward.
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.cuda else None, broadcast_buffers=False)
-        return torch.compile(model, backend=self.cfg["compile"]) if self.cfg["compile"] else model
-
     # ----- stages -----
     def require_before(self, stage: str) -> None:
         """A stage command runs only once the stages before it are done."""
@@ -214,17 +115,17 @@ class Run(Stages):
 
     def execute(self, until: str = "report") -> dict | None:
         """Run every stage not done yet, up to and including `until`."""
-        self._setup()
+        ctx = setup(self.cfg, self.state, self.out, self.save, quiet=self.quiet, log=self.log)
+        self.rank, self.world, self.device = ctx.rank, ctx.world, ctx.device
         last = STAGES.index(until)
         for stage in STAGES[: last + 1]:
             if stage in self.state["done"]:
                 continue
             if self.state["stage"] != stage:
                 self.state.update(stage=stage, epoch=0, optimizer=None)
-            getattr(self, f"_stage_{stage}")()
+            STAGE_BODIES[stage](ctx)
             self.state["done"].append(stage)
-            self.state.update(epoch=0, optimizer=None)
-            self.state["model"] = unwrap(self.model).state_dict()
+            self.state.update(epoch=0, optimizer=None, model=model_state(ctx.model))
             self.save()
         if self.world > 1:
             dist.barrier()
