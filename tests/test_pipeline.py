@@ -308,7 +308,7 @@ def test_shipped_configs_load(name, tmp_path):
     from svdtrain.cli import CONFIG_DIR
     from svdtrain.config import flatten, load_config
     from svdtrain.models import build_model
-    from svdtrain.train import build_run_model, input_shape, run_dataset
+    from svdtrain.context import build_run_model, input_shape, run_dataset
     # the values each config's comment states
     stated = {
         "digits": {"model": "small_cnn", "dataset": "digits", "regularizer.target_macs": 0.4},
