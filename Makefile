@@ -15,4 +15,4 @@ demo: $(VENV)/.installed
 	$(PY) -m svdtrain demo --out runs/demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers, a test file each

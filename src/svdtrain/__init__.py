@@ -15,6 +15,7 @@ from .importance import EnergyShare, SingularValueImportance, loss_importance
 from .layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
 from .losses import Regularizer, orthogonality_loss, param_groups, sparsity_loss
 from .macs import count_macs, count_params
+from .pretrained import from_pretrained, save_pretrained
 from .prune import prune, ranks, set_ranks
 
 __version__ = "0.1.0"
@@ -23,5 +24,5 @@ __all__ = [
     "BudgetController", "SVDMultiheadAttention", "decompose", "export", "export_program", "SVDConv2d", "SVDLayer", "SVDLinear", "svd_layers",
     "Regularizer", "orthogonality_loss", "sparsity_loss", "param_groups", "count_macs",
     "count_params", "prune", "ranks", "set_ranks", "SingularValueImportance", "loss_importance",
-    "EnergyShare", "LinearSchedule", "__version__",
+    "EnergyShare", "LinearSchedule", "save_pretrained", "from_pretrained", "__version__",
 ]

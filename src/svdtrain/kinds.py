@@ -11,6 +11,7 @@ costs one call (`call_cost`) and builds its ordinary layers (`factor_layers`,
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,8 +41,12 @@ def register(kind: LayerKind) -> LayerKind:
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:
-    """The entry for this exact type, if any."""
-    return KINDS.get(type(module))
+    """The entry for this exact type, if any (a transformers layer loads svdtrain.hf's entries)."""
+    kind = KINDS.get(type(module))
+    if kind is None and type(module).__module__.startswith("transformers.") and "svdtrain.hf" not in sys.modules:
+        from . import hf  # noqa: F401  registers transformers' kinds; transformers is loaded already
+        kind = KINDS.get(type(module))
+    return kind
 
 
 def exported_by(module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:

@@ -1,0 +1,20 @@
+"""Hugging Face transformers' layer kinds: GPT-2's Conv1D (weight stored in x out) in SVD form.
+Imported by svdtrain only where `transformers` already is: `kinds.kind_of` loads it when a
+model holds a transformers layer."""
+from __future__ import annotations
+
+from transformers.pytorch_utils import Conv1D
+
+from .kinds import LayerKind, register
+from .layers import SVDLinear
+
+
+def _conv1d_to_svd(layer: Conv1D, mode: str, init: str) -> SVDLinear:
+    """Conv1D computes x @ W + b with W stored in x out: the SVD form of W^T, a Linear's view."""
+    weight = layer.weight.detach().T
+    new = SVDLinear(layer.nx, layer.nf, bias=True, weight=weight, init=init)
+    new.bias.data.copy_(layer.bias.detach())
+    return new.to(device=weight.device, dtype=weight.dtype)
+
+
+register(LayerKind("hf_conv1d", Conv1D, _conv1d_to_svd, svd_type=SVDLinear))

@@ -1,0 +1,109 @@
+"""A decomposed model saved beside its base model, loaded back the way peft's adapters are.
+
+    svdtrain.save_pretrained(model, "out/")          # svdtrain_model.safetensors + svdtrain_plan.json
+    model = svdtrain.from_pretrained(build_base(), "out/")   # same outputs, ranks and MACs
+
+The safetensors file holds the model's tensors (the factors, masks and every other weight;
+a tensor shared under two names once); the JSON holds the plan of each SVD layer (rank, form,
+conv view, recorded calls), the decomposition mode and the svdtrain version. Needs
+`safetensors` (`pip install svdtrain[hf]`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from .layers import SVDConv2d, svd_layers, unwrap
+
+WEIGHTS = "svdtrain_model.safetensors"
+PLAN = "svdtrain_plan.json"
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError("save_pretrained / from_pretrained need safetensors: pip install svdtrain[hf]") from None
+    return safetensors.torch
+
+
+def save_pretrained(model: nn.Module, directory) -> Path:
+    """Write `model`'s SVD form to `directory` (created if needed); returns the directory."""
+    from . import __version__
+    model = unwrap(model)
+    layers = dict(svd_layers(model))
+    if not layers:
+        raise ValueError("save_pretrained: the model has no SVD layers (decompose it first)")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, seen = {}, set()
+    for name, value in model.state_dict(keep_vars=False).items():
+        if not hasattr(value, "data_ptr"):
+            continue  # extra state: in the plan
+        key = (value.data_ptr(), value.dtype, tuple(value.shape))
+        if value.numel() and key in seen:
+            continue  # a tied weight: its first name carries it
+        seen.add(key)
+        tensors[name] = value.detach().cpu().contiguous()
+    modes = {n: layer.mode for n, layer in layers.items() if isinstance(layer, SVDConv2d) and layer.kernel_size != (1, 1)}
+    plan = {"svdtrain_version": __version__, "mode": next(iter(modes.values()), "channel"),
+            "layers": {n: {"rank": layer.rank, "full_rank": layer.full_rank, **layer.plan.state()}
+                       for n, layer in layers.items()}}
+    _safetensors().save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
+    return out
+
+
+def read_plan(directory) -> dict:
+    """The saved plan, or a one-line error naming what is wrong with the directory."""
+    path = Path(directory)
+    if not (path / PLAN).is_file() or not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} holds no svdtrain model ({PLAN} and {WEIGHTS}); write one with save_pretrained")
+    try:
+        plan = json.loads((path / PLAN).read_text())
+        plan["layers"], plan["mode"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path / PLAN} is not an svdtrain plan") from None
+    return plan
+
+
+def from_pretrained(base_model: nn.Module, directory) -> nn.Module:
+    """Decompose a freshly built `base_model` as the saved one was (same layers, mode) and load
+    the saved factors, masks, weights and plans into it; returns it."""
+    from .decompose import decompose
+    plan = read_plan(directory)
+    names = set(plan["layers"])
+
+    def skip(name, module):  # a layer kind the saved model left dense
+        return not any(n == name or n.startswith(name + ".") for n in names)
+    decompose(base_model, mode=plan["mode"], init="random", skip=skip)
+    return load_into(base_model, directory, plan)
+
+
+def load_into(model: nn.Module, directory, plan: dict | None = None) -> nn.Module:
+    """Load a saved SVD form into `model`, decomposed already with the same layers."""
+    plan = read_plan(directory) if plan is None else plan
+    model = unwrap(model)
+    layers = dict(svd_layers(model))
+    if set(layers) != set(plan["layers"]):
+        missing, extra = sorted(set(plan["layers"]) - set(layers)), sorted(set(layers) - set(plan["layers"]))
+        raise ValueError(f"{directory} does not match this model: saved SVD layers it lacks {missing[:3]}, "
+                         f"its SVD layers not saved {extra[:3]}")
+    for name, saved in plan["layers"].items():
+        if saved["full_rank"] != layers[name].full_rank:
+            raise ValueError(f"{directory} does not match this model: {name} has full rank "
+                             f"{layers[name].full_rank}, saved {saved['full_rank']}")
+    state = _safetensors().load_file(str(Path(directory) / WEIGHTS))
+    for name, saved in plan["layers"].items():
+        state[f"{name}._extra_state" if name else "_extra_state"] = saved
+    own = {k: v for k, v in model.state_dict().items() if hasattr(v, "data_ptr")}
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    shared = {k for k, v in own.items() if k not in state and v.numel() and v.data_ptr() in loaded}  # tied
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in shared]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{directory} does not match this model: missing {missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}")
+    return model

@@ -1,0 +1,135 @@
+"""Hugging Face models built from their configs (no weights): GPT-2's Conv1D in SVD form, every
+matmul counted against PyTorch's own counter, save/load beside the base model, generate() on the
+compact model, and SVD training inside transformers.Trainer."""
+import copy
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import svdtrain
+
+T = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+
+def torch_macs(model, *inputs) -> int:
+    """PyTorch's own count (math attention backend), FLOPs / 2."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return counter.get_total_flops() // 2
+
+
+def gpt2():
+    cfg = T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=64, bos_token_id=0,
+                       eos_token_id=1, pad_token_id=1)
+    return T.GPT2LMHeadModel(cfg).eval()
+
+
+def small(name):
+    torch.manual_seed(0)
+    ids = torch.randint(2, 97, (2, 24))
+    if name == "gpt2":
+        return gpt2(), (ids,)
+    if name == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval(), (ids,)
+    if name == "bert":
+        return T.BertForSequenceClassification(T.BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                            num_attention_heads=4, vocab_size=97)).eval(), (ids,)
+    return T.ViTForImageClassification(T.ViTConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                   num_attention_heads=4, image_size=32, patch_size=8,
+                                                   num_labels=10)).eval(), (torch.randn(2, 3, 32, 32),)
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(*inputs).logits
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit"])
+def test_every_matmul_counted_dense_and_after_prune_and_export(name):
+    model, inputs = small(name)
+    dense = torch_macs(model, *inputs)
+    assert svdtrain.count_macs(model, example_inputs=inputs) == pytest.approx(dense, rel=0.01)
+    svd = svdtrain.decompose(copy.deepcopy(model), example_inputs=inputs)
+    assert torch.allclose(logits(svd, inputs), logits(model, inputs), atol=1e-4)
+    svdtrain.prune(svd, macs_budget=0.6, example_inputs=inputs)
+    compact = svdtrain.export(svd, example_inputs=inputs)
+    shipped = torch_macs(compact, *inputs)
+    assert svdtrain.count_macs(compact, example_inputs=inputs) == pytest.approx(shipped, rel=0.01)
+    assert shipped <= 0.6 * dense * 1.01
+    assert torch.allclose(logits(compact, inputs), logits(svd, inputs), atol=1e-4)
+
+
+def test_gpt2_conv1d_is_a_layer_kind():
+    model, inputs = small("gpt2")
+    n_conv1d = sum(isinstance(m, Conv1D) for m in model.modules())
+    svd = svdtrain.decompose(copy.deepcopy(model))
+    assert n_conv1d == 8 and not any(isinstance(m, Conv1D) for m in svd.modules())
+    c_attn = svd.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, svdtrain.SVDLinear) and (c_attn.in_features, c_attn.out_features) == (64, 192)
+    ref = model.transformer.h[0].attn.c_attn
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        assert torch.allclose(c_attn(x), ref(x), atol=1e-5)
+
+
+def test_save_pretrained_and_from_pretrained_beside_the_base_model(tmp_path):
+    model, inputs = small("gpt2")
+    svd = svdtrain.decompose(copy.deepcopy(model))
+    svdtrain.prune(svd, macs_budget=0.6, example_inputs=inputs)
+    svd.transformer.h[1].mlp.c_fc.set_form("factored")
+    svdtrain.save_pretrained(svd, tmp_path / "svd")
+    torch.manual_seed(1)  # another random base: everything comes from the directory
+    loaded = svdtrain.from_pretrained(gpt2(), tmp_path / "svd")
+    assert svdtrain.ranks(loaded) == svdtrain.ranks(svd)
+    assert loaded.transformer.h[1].mlp.c_fc.plan.form == "factored"
+    assert torch.equal(logits(loaded, inputs), logits(svd, inputs))
+    assert svdtrain.count_macs(loaded, example_inputs=inputs) == svdtrain.count_macs(svd, example_inputs=inputs)
+    with pytest.raises(FileNotFoundError, match="holds no svdtrain model"):
+        svdtrain.from_pretrained(gpt2(), tmp_path / "nothing")
+    wider = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64))
+    with pytest.raises(ValueError, match="does not match this model"):
+        svdtrain.from_pretrained(wider, tmp_path / "svd")
+
+
+def test_a_compact_causal_lm_keeps_generate():
+    model, (ids,) = small("gpt2")
+    svd = svdtrain.decompose(copy.deepcopy(model))
+    svdtrain.prune(svd, macs_budget=0.6, example_inputs=(ids,))
+    compact = svdtrain.export(svd, example_inputs=(ids,))
+    assert not any(type(m).__module__.startswith("svdtrain") for m in compact.modules())
+    kw = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(compact.generate(ids[:, :8], **kw), svd.generate(ids[:, :8], **kw))
+
+
+def _trainer(model, out, steps, ids):
+    from svdtrain.hf_trainer import SVDTrainer
+    data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(len(ids))]
+    args = T.TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, save_steps=4,
+                               learning_rate=1e-3, logging_steps=100, report_to=[], use_cpu=True, seed=0,
+                               disable_tqdm=True)
+    reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=1e-3)
+    return SVDTrainer(model=model, args=args, train_dataset=data, regularizer=reg,
+                      budget={"target_macs": 0.6, "target_at": 0.5, "mask": True, "every": 1},
+                      example_inputs=(ids[:1],))
+
+
+def test_svd_training_inside_the_trainer_resumes_identically(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(2, 97, (16, 12))
+    base = svdtrain.decompose(gpt2().train())
+    whole = _trainer(copy.deepcopy(base), tmp_path / "whole", 8, ids)
+    whole.train()
+    assert svdtrain.count_macs(whole.model, example_inputs=(ids[:1],)) <= 0.6 * svdtrain.count_macs(
+        whole.model, example_inputs=(ids[:1],), cost="dense")
+    assert any(layer.rank < layer.full_rank for _, layer in svdtrain.svd_layers(whole.model))
+    resumed = _trainer(copy.deepcopy(base), tmp_path / "resumed", 8, ids)  # from the checkpoint at step 4
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
+    assert svdtrain.ranks(resumed.model) == svdtrain.ranks(whole.model)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert (a == b) if not torch.is_tensor(a) else torch.allclose(a, b, atol=1e-6), name
