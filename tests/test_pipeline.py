@@ -363,6 +363,26 @@ def test_compiled_training_matches_eager(finished, tiny):
         assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-3), key
 
 
+def test_compiled_gradual_pruning_matches_eager_without_recompiling_per_rank_change(tiny):
+    # The train stage masks values at every step of its ramp (6 steps, target reached at step 3):
+    # compiled, the ranks it cuts and its losses follow the eager run, and the rank changes do
+    # not recompile the training forward (at most once more, when the ramp ends).
+    root, cfg = tiny
+    args = ("--quiet", "epochs.orth=0", "epochs.train=1", "epochs.finetune=0", "regularizer.target_macs=0.5",
+            "prune.gradual=true", "regularizer.target_at=0.5")
+    cli("run", cfg, "--out", root / "gradual_eager", *args)
+    run = cli("run", cfg, "--out", root / "gradual_compiled", *args, "compile=aot_eager",
+              env={**os.environ, "TORCH_LOGS": "recompiles"})
+    assert run.stderr.count("Recompiling function") <= 1, run.stderr[-2000:]
+    eager, compiled = ([json.loads(line) for line in (root / d / "metrics.jsonl").read_text().splitlines()]
+                       for d in ("gradual_eager", "gradual_compiled"))
+    assert [m["stage"] for m in compiled] == ["train", "prune"]
+    for key in ("task_loss", "train_accuracy", "orthogonality", "mean_rank"):
+        assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-3), key
+    ranks_ = [json.loads((root / d / "ranks.json").read_text()) for d in ("gradual_eager", "gradual_compiled")]
+    assert ranks_[0] == ranks_[1] and any(k < 16 for k in ranks_[0].values())
+
+
 def test_dense_run_resumes_when_an_unread_decompose_setting_changed(finished):
     state = torch.load(finished / "checkpoint.pt", weights_only=True)
     state["config"] = with_defaults(state["config"])
