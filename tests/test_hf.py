@@ -133,3 +133,13 @@ def test_svd_training_inside_the_trainer_resumes_identically(tmp_path):
     assert svdtrain.ranks(resumed.model) == svdtrain.ranks(whole.model)
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert (a == b) if not torch.is_tensor(a) else torch.allclose(a, b, atol=1e-6), name
+
+
+def test_the_core_never_imports_transformers_or_safetensors():
+    import subprocess
+    import sys
+    code = ("import sys, torch, svdtrain; m = svdtrain.decompose(torch.nn.Sequential(torch.nn.Linear(4, 4))); "
+            "svdtrain.prune(m, macs_budget=0.9, input_shape=(1, 4)); svdtrain.export(m); "
+            "print('transformers' in sys.modules, 'safetensors' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "False"], out.stderr[-1000:]
