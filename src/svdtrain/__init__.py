@@ -10,7 +10,7 @@
 from .attention import SVDMultiheadAttention
 from .budget import BudgetController, LinearSchedule
 from .decompose import decompose
-from .export import export, export_program
+from .export import export, export_onnx, export_program
 from .importance import EnergyShare, SingularValueImportance, loss_importance
 from .layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
 from .losses import Regularizer, orthogonality_loss, param_groups, sparsity_loss
@@ -21,7 +21,7 @@ from .prune import prune, ranks, set_ranks
 __version__ = "0.1.0"
 
 __all__ = [
-    "BudgetController", "SVDMultiheadAttention", "decompose", "export", "export_program", "SVDConv2d", "SVDLayer", "SVDLinear", "svd_layers",
+    "BudgetController", "SVDMultiheadAttention", "decompose", "export", "export_program", "export_onnx", "SVDConv2d", "SVDLayer", "SVDLinear", "svd_layers",
     "Regularizer", "orthogonality_loss", "sparsity_loss", "param_groups", "count_macs",
     "count_params", "prune", "ranks", "set_ranks", "SingularValueImportance", "loss_importance",
     "EnergyShare", "LinearSchedule", "save_pretrained", "from_pretrained", "__version__",

@@ -34,7 +34,8 @@ DEFAULTS: dict = {
     # Each SVD layer is exported as its factor pair or one dense layer, whichever has fewer
     # MACs ("macs") or runs faster on this machine, timed at export.batch in the memory
     # format you will deploy with ("latency").
-    "export": {"choose": "macs", "batch": 1, "channels_last": False},
+    # onnx: also write compact.onnx (ONNX Runtime; pip install svdtrain[onnx]).
+    "export": {"choose": "macs", "batch": 1, "channels_last": False, "onnx": False},
     "optim": {
         "name": "sgd",            # sgd | adam | adamw
         "lr": 0.2,

@@ -165,17 +165,38 @@ def _fastest(name: str, layer: SVDLayer, input_shape, round_to: int, reps: int,
     return candidates[best].to(memory_format=torch.contiguous_format)
 
 
+def _dynamic_batch(example_inputs: tuple) -> tuple[tuple, tuple]:
+    """Inputs with a batch of at least 2 (a batch of 1 would be specialised to 1) and the
+    dynamic-shape spec marking dimension 0 of each as one shared batch size."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    inputs = tuple(x.expand(2, *x.shape[1:]).contiguous() if x.shape[0] < 2 else x for x in example_inputs)
+    return inputs, tuple({0: batch} for _ in inputs)
+
+
 def export_program(compact: nn.Module, example_input: torch.Tensor, path=None, dynamic_batch: bool = True):
     """torch.export the compact model (eval mode), batch size dynamic unless told otherwise;
     optionally save it as a .pt2 file that loads with `torch.export.load(path).module()`
     without svdtrain."""
     compact = compact.eval()
-    dynamic = None
-    if dynamic_batch:
-        if example_input.shape[0] < 2:  # a batch of 1 would be specialised to 1
-            example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
-        dynamic = ({0: torch.export.Dim("batch", min=1, max=1 << 20)},)
-    program = torch.export.export(compact, (example_input,), dynamic_shapes=dynamic)
+    inputs, dynamic = _dynamic_batch((example_input,)) if dynamic_batch else ((example_input,), None)
+    program = torch.export.export(compact, inputs, dynamic_shapes=dynamic)
     if path is not None:
         torch.export.save(program, str(path))
     return program
+
+
+def export_onnx(compact: nn.Module, example_inputs, path, dynamic_batch: bool = True):
+    """Write the compact model (eval mode) as an ONNX file through torch's exporter (it traces
+    with torch.export), batch size dynamic unless told otherwise; runs in ONNX Runtime with
+    PyTorch's outputs. `example_inputs`: a tensor or a tuple of the model's positional inputs.
+    Needs onnx and onnxscript (`pip install svdtrain[onnx]`; onnxruntime to run it)."""
+    try:
+        import onnxscript  # noqa: F401  torch's exporter needs it
+    except ImportError:
+        raise ImportError("export_onnx needs onnx and onnxscript: pip install svdtrain[onnx]") from None
+    compact = compact.eval()
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs, dynamic = _dynamic_batch(inputs) if dynamic_batch else (inputs, None)
+    with torch.no_grad():
+        torch.onnx.export(compact, inputs, str(path), dynamo=True, dynamic_shapes=dynamic, verbose=False)
+    return path

@@ -18,7 +18,7 @@ from .checkpoint import atomic_save, atomic_write_text, model_state
 from .context import RunContext
 from .distributed import replica_spread, spread
 from .engine import evaluate, make_optimizer, task_loss, train_phase
-from .export import export, export_program
+from .export import export, export_onnx, export_program
 from .importance import loss_importance
 from .layers import svd_layers
 from .losses import Regularizer
@@ -219,6 +219,9 @@ def export_stage(ctx: RunContext) -> None:
     tmp = ctx.out / "compact.tmp.pt2"
     export_program(compact, example, tmp, dynamic_batch=True)
     os.replace(tmp, ctx.out / "compact.pt2")
+    if ex["onnx"]:
+        export_onnx(compact, example, ctx.out / "compact.tmp.onnx")
+        os.replace(ctx.out / "compact.tmp.onnx", ctx.out / "compact.onnx")
 
 
 def report_stage(ctx: RunContext) -> None:

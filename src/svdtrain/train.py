@@ -74,7 +74,7 @@ class Run:
         if self.out.exists() and not self.out.is_dir():
             raise RunError(f"--out {self.out} is a file, not a directory")
         # A kill during the very first checkpoint write leaves only our temp files.
-        if self.out.exists() and any(not p.name.endswith((".tmp", ".tmp.pt2")) for p in self.out.iterdir()):
+        if self.out.exists() and any(not p.name.endswith((".tmp", ".tmp.pt2", ".tmp.onnx")) for p in self.out.iterdir()):
             raise RunError(f"{self.out} is not empty and holds no svdtrain run; choose a new --out")
         return new_training_state(FORMAT, 1, config=cfg, stage=STAGES[0], step=0, done=[], info={})
 
