@@ -1,12 +1,11 @@
 """Singular-value pruning: by an energy threshold per layer, or to a whole-model MACs budget."""
 from __future__ import annotations
 
-import heapq
-
 import torch
 from torch import nn
 
 from .layers import SVDLayer, svd_layers
+from .allocation import allocate
 from .importance import EnergyShare
 from .macs import LayerCost, profile
 
@@ -153,80 +152,11 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
     for r in records:
         if isinstance(r.module, SVDLayer) and r.module.plan.form != "dense":  # "dense" plans: fixed cost
             svd.setdefault(id(r.module), r.module)
-    rank = {key: layer.rank for key, layer in svd.items()}
     fixed = sum(r.macs() for r in records if id(r.module) not in svd)
-
-    def cost(key: int, k: int) -> int:  # as the layer ships at rank k, over all its calls
-        return svd[key].plan.macs(k)
-
-    # Per layer: what each active value is worth, smallest first (the removal order).
-    shares, full = {}, dict(rank)
-    for key, layer in svd.items():
-        score = importance(names[key], layer).detach().double().cpu()
-        shares[key] = score[layer.active.cpu()].sort().values.tolist()
-    allowed = {key: (lambda k, top=full[key]: k == top or k % round_to == 0) for key in svd}
-    hulls = {key: _hull(shares[key], lambda k, key=key: cost(key, k), allowed[key]) for key in svd}
-    order = {key: i for i, key in enumerate(svd)}  # ties break by layer order, not by id()
-
-    def push(heap, key, i):  # the layer's next hull segment, scored by importance lost per MAC saved
-        hull = hulls[key]
-        if i + 1 < len(hull):
-            (_, c0, l0), (_, c1, l1) = hull[i], hull[i + 1]
-            heapq.heappush(heap, ((l1 - l0) / (c0 - c1), order[key], key, i + 1))
-
-    heap = []
-    for key in svd:
-        push(heap, key, 0)
-    current = fixed + sum(cost(key, rank[key]) for key in svd)
-    while current > target and heap:
-        _, _, key, i = heapq.heappop(heap)
-        new = hulls[key][i][0]
-        current -= cost(key, rank[key]) - cost(key, new)
-        rank[key] = new
-        push(heap, key, i)
-    # The last segment may overshoot the budget: give back the most importance per MAC that fits.
-    while True:
-        best = None
-        for key, layer in svd.items():
-            k, top = rank[key], full[key]
-            if k >= top:
-                continue
-            back = min(top, k + round_to - k % round_to)
-            back = back if layer.plan.ships_factored(back) else top
-            added = cost(key, back) - cost(key, k)
-            gained = sum(shares[key][top - back: top - k])
-            if added <= target - current and (best is None or gained * best[0] > best[1] * added):
-                best = (added, gained, key, back)
-        if best is None:
-            break
-        current += best[0]
-        rank[best[2]] = best[3]
+    rank = allocate(svd, names, importance, lambda key, k: svd[key].plan.macs(k), fixed, target, round_to)
     for key, layer in svd.items():
         _keep_top(layer, rank[key], None if isinstance(importance, EnergyShare) else importance(names[key], layer))
     return ranks(model)
-
-
-def _hull(shares: list[float], cost, allowed=lambda k: True) -> list[tuple[int, int, float]]:
-    """The ranks worth stopping at in one layer: the lower convex hull of (deploy MACs,
-    importance lost) over the allowed k = K..1, as (k, cost(k), lost(k)) from k = K down, so
-    that its segments lose ever more per MAC saved. `shares`: the K active values' scores,
-    ascending."""
-    top = len(shares)
-    hull, lost = [(top, cost(top), 0.0)], 0.0
-    for k in range(top - 1, 0, -1):
-        lost += shares[top - k - 1]
-        if not allowed(k):
-            continue
-        c = cost(k)
-        if c >= hull[-1][1]:
-            continue  # saves nothing over a rank that loses less (a layer above its crossover)
-        while len(hull) >= 2:
-            (_, c0, l0), (_, c1, l1) = hull[-2], hull[-1]
-            if (l1 - l0) * (c1 - c) < (lost - l1) * (c0 - c1):
-                break
-            hull.pop()  # hull[-1] lies on or above the line from hull[-2] to k
-        hull.append((k, c, lost))
-    return hull
 
 
 def ranks(model: nn.Module) -> dict[str, int]:
