@@ -36,7 +36,7 @@ def _keep_top(layer: SVDLayer, k: int, score: torch.Tensor | None = None) -> Non
 
 def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: float | None = None,
           input_shape=None, optimizer: torch.optim.Optimizer | None = None, example_inputs=None,
-          scores=None, round_to: int = 1) -> dict[str, int]:
+          scores=None, round_to: int = 1, latency_budget: float | None = None, timer=None) -> dict[str, int]:
     """Prune singular values of every SVD layer; returns {qualified_name: rank}.
 
     keep_energy: per layer, keep the fewest largest values whose squares hold at least this
@@ -54,7 +54,10 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
         holds. The hull lets a layer above its crossover (dense: one value saves nothing) go
         straight to the rank where cutting pays, scored by the whole step; a layer never taken
         below its crossover keeps all its values.
-    scores: with macs_budget, the importance of each value instead of its energy share: an
+    latency_budget: instead, bring the model's time on this device to <= this fraction of the
+        dense model's: the same allocation over measured per-layer times (latency.py; `timer`
+        replaces the wall clock); each layer is pinned to the form that was faster at its rank.
+    scores: with macs_budget or latency_budget, the importance of each value instead of its energy share: an
         importance object called as `scores(name, layer)` (`EnergyShare`,
         `SingularValueImportance` filled in your loop, or your own), or a dict {layer name: one
         non-negative score per singular value} (e.g. `loss_importance`). Scores are compared
@@ -67,10 +70,10 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
     Calling prune again prunes again: keep_energy applies to what is still active, so each
     call can remove more; a macs_budget the model already meets removes nothing.
     """
-    if (keep_energy is None) == (macs_budget is None):
-        raise ValueError("give exactly one of keep_energy or macs_budget")
-    if scores is not None and macs_budget is None:
-        raise ValueError("scores rank singular values under a macs_budget only")
+    if sum(x is not None for x in (keep_energy, macs_budget, latency_budget)) != 1:
+        raise ValueError("give exactly one of keep_energy, macs_budget or latency_budget")
+    if scores is not None and keep_energy is not None:
+        raise ValueError("scores rank singular values under a macs_budget or latency_budget only")
     if not (isinstance(round_to, int) and round_to >= 1):
         raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
     layers = list(svd_layers(model))
@@ -83,6 +86,9 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
             active_s = layer.s.detach()[layer.active]
             k = energy_rank(active_s, float(keep_energy))
             _keep_top(layer, min(layer.rank, -(-k // round_to) * round_to))
+    elif latency_budget is not None:
+        from .latency import prune_to_latency, wall_time
+        prune_to_latency(model, float(latency_budget), input_shape, example_inputs, scores, round_to, timer or wall_time)
     else:
         _prune_to_budget(model, float(macs_budget), input_shape, example_inputs, _importance(model, scores), round_to)
     if optimizer is not None:

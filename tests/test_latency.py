@@ -1,0 +1,73 @@
+"""Pruning to a latency budget: the MACs budget's allocation over a table of measured times.
+Deterministic timers stand in for the clock, so the allocation is checked exactly."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import svdtrain
+from helpers import TinyResNet
+
+
+def macs_timer(module, inputs):
+    """A clock that reads MACs: time proportional to the work."""
+    return float(svdtrain.count_macs(module, example_inputs=inputs))
+
+
+def slow_pairs_timer(module, inputs):
+    """A clock on which a factor pair runs 3x slower than its MACs say."""
+    pairs = [m for m in module.modules() if isinstance(m, nn.Sequential) and len(m) == 2
+             and all(isinstance(c, (nn.Conv2d, nn.Linear)) for c in m)]
+    extra = sum(2 * svdtrain.count_macs(p, example_inputs=(x,)) for p, x in _inputs_of(module, pairs, inputs))
+    return macs_timer(module, inputs) + extra
+
+
+def _inputs_of(module, pairs, inputs):
+    seen = []
+    hooks = [p.register_forward_hook(lambda m, a, o: seen.append((m, a[0]))) for p in pairs]
+    with torch.no_grad():
+        module(*inputs)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("make, shape", [(TinyResNet, (1, 3, 16, 16)),
+                                          (lambda: nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 40)), (2, 48))])
+def test_a_clock_that_reads_macs_allocates_as_the_macs_budget(make, shape):
+    torch.manual_seed(0)
+    base = svdtrain.decompose(make(), init="svd").eval()
+    by_macs, by_time = copy.deepcopy(base), copy.deepcopy(base)
+    want = svdtrain.prune(by_macs, macs_budget=0.5, input_shape=shape)
+    got = svdtrain.prune(by_time, latency_budget=0.5, input_shape=shape, timer=macs_timer)
+    assert got == want and any(k < by_time.get_submodule(n).full_rank for n, k in got.items())
+    assert svdtrain.count_macs(by_time, shape) == svdtrain.count_macs(by_macs, shape)
+
+
+def test_the_shipped_model_meets_the_budget_on_the_clock_it_was_timed_on():
+    torch.manual_seed(0)
+    model = svdtrain.decompose(TinyResNet(), init="svd").eval()
+    x = torch.randn(2, 3, 16, 16)
+    dense = copy.deepcopy(model)
+    for _, layer in svdtrain.svd_layers(dense):
+        layer.set_form("dense")
+    budget = 0.7
+    svdtrain.prune(model, latency_budget=budget, example_inputs=(x,), timer=slow_pairs_timer)
+    compact = svdtrain.export(model, example_inputs=(x,))
+    assert slow_pairs_timer(compact, (x,)) <= budget * slow_pairs_timer(svdtrain.export(dense), (x,)) * (1 + 1e-9)
+    # each layer ships the form that was faster at its rank on that clock
+    for name, layer in svdtrain.svd_layers(model):
+        assert layer.plan.form in ("dense", "factored")
+        if layer.plan.form == "factored":
+            dense_macs, pair_macs = layer.plan.macs(cost="dense"), layer.plan.macs(cost="factored")
+            assert 3 * pair_macs < dense_macs, name
+
+
+def test_latency_budget_on_the_wall_clock_runs_and_cuts():
+    torch.manual_seed(0)
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)), init="svd").eval()
+    ranks = svdtrain.prune(model, latency_budget=0.5, input_shape=(64, 256))
+    assert set(ranks) == {"0", "2"} and all(1 <= k <= 256 for k in ranks.values())
+    with pytest.raises(ValueError, match="exactly one of keep_energy, macs_budget or latency_budget"):
+        svdtrain.prune(model, macs_budget=0.5, latency_budget=0.5, input_shape=(1, 256))
