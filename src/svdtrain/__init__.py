@@ -9,6 +9,7 @@
 """
 from .attention import SVDMultiheadAttention
 from .budget import BudgetController, LinearSchedule
+from .calibrate import recalibrate_batchnorm
 from .decompose import decompose
 from .export import export, export_onnx, export_program
 from .importance import EnergyShare, SingularValueImportance, loss_importance
@@ -24,5 +25,5 @@ __all__ = [
     "BudgetController", "SVDMultiheadAttention", "decompose", "export", "export_program", "export_onnx", "SVDConv2d", "SVDLayer", "SVDLinear", "svd_layers",
     "Regularizer", "orthogonality_loss", "sparsity_loss", "param_groups", "count_macs",
     "count_params", "prune", "ranks", "set_ranks", "SingularValueImportance", "loss_importance",
-    "EnergyShare", "LinearSchedule", "save_pretrained", "from_pretrained", "__version__",
+    "EnergyShare", "LinearSchedule", "save_pretrained", "from_pretrained", "recalibrate_batchnorm", "__version__",
 ]

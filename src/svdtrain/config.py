@@ -29,7 +29,10 @@ DEFAULTS: dict = {
     # along the budget schedule during the train stage instead of all at once afterwards.
     # score (under a MACs budget): rank values by energy share, or by loss importance
     # (svdtrain/importance.py; measured on score_batches training batches before a one-shot cut).
-    "prune": {"keep_energy": 0.9999, "macs_budget": 0.0, "gradual": False, "score": "energy", "score_batches": 32},
+    # recalibrate > 0: after the cut, re-estimate BatchNorm statistics on that many training
+    # batches (svdtrain/calibrate.py); the prune metrics then say so.
+    "prune": {"keep_energy": 0.9999, "macs_budget": 0.0, "gradual": False, "score": "energy", "score_batches": 32,
+              "recalibrate": 0},
     "epochs": {"orth": 0, "train": 10, "finetune": 2},
     # Each SVD layer is exported as its factor pair or one dense layer, whichever has fewer
     # MACs ("macs") or runs faster on this machine, timed at export.batch in the memory

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .budget import BudgetController, budget_warning, macs_at_energy
+from .calibrate import recalibrate_batchnorm
 from .checkpoint import atomic_save, atomic_write_text, model_state
 from .context import RunContext
 from .distributed import replica_spread, spread
@@ -173,11 +174,17 @@ def prune_stage(ctx: RunContext) -> None:
         info["ranks"] = prune(ctx.model, macs_budget=budget, input_shape=ctx.shape, scores=scores)
     else:
         info["ranks"] = prune(ctx.model, keep_energy=p["keep_energy"])
+    if p["recalibrate"]:
+        info["recalibrated_batches"] = recalibrate_batchnorm(ctx.model, ctx.train_loader, p["recalibrate"])
+        if ctx.world > 1:  # each rank saw its own shard: keep rank 0's statistics everywhere
+            for buf in ctx.model.buffers():
+                dist.broadcast(buf, src=0)
     _record_accuracy(ctx, "accuracy_pruned")
     info["macs_pruned"] = count_macs(ctx.model, ctx.shape)
     ctx.state["metrics"].append({"stage": "prune", "epoch": 0, "test_accuracy": info["accuracy_pruned"],
                                  **({"val_accuracy": info["val_accuracy_pruned"]} if "val_accuracy_pruned" in info else {}),
-                                 "macs": info["macs_pruned"], "mean_rank": _mean(info["ranks"])})
+                                 "macs": info["macs_pruned"], "mean_rank": _mean(info["ranks"]),
+                                 "recalibrated_batches": info.get("recalibrated_batches", 0)})
     if ctx.verbose:
         ctx.log(f"[prune] ranks {list(info['ranks'].values())} -> test {info['accuracy_pruned']:.2%}, "
                 f"MACs {info['macs_pruned'] / info['dense_macs']:.1%} of dense")

@@ -1,0 +1,214 @@
+"""Latency of compact models of real size against their dense originals, on the backends
+people deploy with (CPU).
+
+Models nobody here wrote, built from their published configurations with random weights
+(latency does not depend on the values) by Hugging Face `transformers`: ViT-B/16 at 224,
+BERT-base at sequence 128, a Llama-style decoder of about 100M parameters (prefill of 512
+tokens; one-token decode with a KV cache of 512), ResNet-50 at 224. Compact models:
+`decompose(init="svd")`, `prune(macs_budget=level)`, `export()`. Backends: eager PyTorch (the
+dense model on its own fused paths) and ONNX Runtime (`export_onnx` of each; outputs checked
+against PyTorch). Dense and compact are timed in one process, interleaved: per repetition one
+run of each, after a warm-up; the median decides. MACs ratios are svdtrain's counts of the
+timed model (equal to PyTorch's FLOP counter's on these models; tests/test_hf.py).
+
+    python benchmarks/deploy.py --threads 2 --reps 5
+Results: results/deploy_real.json (+ .md); points already there are kept (resumable).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import svdtrain
+
+HERE = Path(__file__).resolve().parent
+LEVELS = {"50%": 0.5, "33%": 1 / 3}
+
+
+def build(name: str):
+    """(model, inputs of batch b, what is timed) for a model name."""
+    import transformers as T
+    if name == "vit_b16":
+        return T.ViTForImageClassification(T.ViTConfig(num_labels=1000)).eval(), \
+            lambda b: (torch.randn(b, 3, 224, 224),)
+    if name == "bert_base":
+        return T.BertForSequenceClassification(T.BertConfig()).eval(), \
+            lambda b: (torch.randint(0, 30000, (b, 128)),)
+    if name == "llama_100m":
+        cfg = T.LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                            num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024)
+        return T.LlamaForCausalLM(cfg).eval(), lambda b: (torch.randint(0, 32000, (b, 512)),)
+    if name == "resnet50":
+        return T.ResNetForImageClassification(T.ResNetConfig()).eval(), lambda b: (torch.randn(b, 3, 224, 224),)
+    raise ValueError(name)
+
+
+class Logits(torch.nn.Module):
+    """The model's logits as one tensor (what ONNX export and timing take)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.kw = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+
+    def forward(self, x):
+        return self.model(x, **self.kw).logits
+
+
+def decode_step(model, prompt):
+    """A callable running one-token decode after `prompt` (its KV cache built once, cropped
+    back after each run so every run sees the same cache length)."""
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+    cache, token, length = out.past_key_values, out.logits[:, -1:].argmax(-1), prompt.shape[1]
+
+    def step():
+        logits = model(token, past_key_values=cache, use_cache=True).logits
+        cache.crop(length - cache.get_seq_length())  # drop the token just added
+        return logits
+    return step
+
+
+def interleaved(fns: dict, reps: int) -> dict:
+    times = {k: [] for k in fns}
+    with torch.inference_mode():
+        for f in fns.values():
+            f()
+        for _ in range(reps):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def ort_session(module, inputs, path):
+    import onnxruntime as ort
+    svdtrain.export_onnx(module, inputs, path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in s.get_inputs()]
+    return lambda *xs: s.run(None, {n: x.numpy() for n, x in zip(names, xs)})[0]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["vit_b16", "bert_base", "llama_100m", "resnet50"])
+    p.add_argument("--backends", nargs="+", default=["eager", "onnxruntime"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", default=str(HERE / "results" / "deploy_real.json"))
+    p.add_argument("--report-only", action="store_true", help="rebuild the Markdown from the JSON")
+    args = p.parse_args(argv)
+    if args.report_only:
+        Path(args.out).with_suffix(".md").write_text(markdown(json.loads(Path(args.out).read_text())))
+        return
+    torch.set_num_threads(args.threads)
+    logging.getLogger("svdtrain").setLevel(logging.ERROR)
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {"points": []}
+    done = {(q["model"], q["backend"], q["batch"], q["phase"]) for q in result["points"]}
+    batches = {"vit_b16": [1, 8], "bert_base": [1, 8], "llama_100m": [1], "resnet50": [1, 8, 32]}
+    for name in args.models:
+        torch.manual_seed(0)
+        dense, make_inputs = build(name)
+        small = make_inputs(1)
+        models = {"dense": dense}
+        macs = {"dense": svdtrain.count_macs(dense, example_inputs=small)}
+        for level, frac in LEVELS.items():
+            svd = svdtrain.decompose(copy.deepcopy(dense), init="svd", example_inputs=small)
+            svdtrain.prune(svd, macs_budget=frac, example_inputs=small)
+            models[level] = svdtrain.export(svd, example_inputs=small).eval()
+            macs[level] = svdtrain.count_macs(models[level], example_inputs=small)
+            del svd
+        phases = ["prefill", "decode"] if name == "llama_100m" else ["forward"]
+        for phase in phases:
+            for batch in batches[name]:
+                x = make_inputs(batch)
+                for backend in args.backends:
+                    if (name, backend, batch, phase) in done or (phase == "decode" and backend != "eager"):
+                        continue
+                    fns, check = {}, {}
+                    with tempfile.TemporaryDirectory() as tmp:
+                        for key, m in models.items():
+                            if phase == "decode":
+                                fns[key] = decode_step(m, x[0][:, :512])
+                            elif backend == "eager":
+                                fns[key] = (lambda m=m: m(*x))
+                            else:
+                                run = ort_session(Logits(m), x, Path(tmp) / f"{key}.onnx")
+                                with torch.no_grad():
+                                    check[key] = float((torch.from_numpy(run(*x)) - Logits(m)(*x)).abs().max())
+                                fns[key] = (lambda run=run: run(*x))
+                        times = interleaved(fns, args.reps)
+                    for level in LEVELS:
+                        m_ratio = macs[level] / macs["dense"]
+                        l_ratio = times[level] / times["dense"]
+                        result["points"].append({
+                            "model": name, "phase": phase, "backend": backend, "batch": batch, "level": level,
+                            "method": "svd", "macs_ratio": round(m_ratio, 4), "latency_ratio": round(l_ratio, 4),
+                            "speedup": round(1 / l_ratio, 3), "macs_reduction": round(1 / m_ratio, 3),
+                            "speedup_per_macs_reduction": round(m_ratio / l_ratio, 3),
+                            "dense_ms": round(1e3 * times["dense"], 2), "compact_ms": round(1e3 * times[level], 2),
+                            "max_abs_diff_onnx": check.get(level)})
+                    result.update(machine=f"{platform.machine()}, {args.threads} threads, no GPU was available for this run",
+                                  torch=torch.__version__, date=datetime.date.today().isoformat(),
+                                  command=f"python benchmarks/deploy.py --threads {args.threads} --reps {args.reps}")
+                    out.write_text(json.dumps(result, indent=1) + "\n")
+                    print(json.dumps(result["points"][-2:]), flush=True)
+    out.with_suffix(".md").write_text(markdown(result))
+
+
+def best_of_each_side(points: list[dict]) -> list[dict]:
+    """Per (model, phase, batch, level): the dense model on its fastest backend against the
+    compact model on its fastest, as the deployment targets are stated."""
+    out = {}
+    for q in points:
+        key = (q["model"], q["phase"], q["batch"], q["level"])
+        row = out.setdefault(key, {"dense_ms": float("inf"), "compact_ms": float("inf"), "macs_ratio": q["macs_ratio"]})
+        if q["dense_ms"] < row["dense_ms"]:
+            row.update(dense_ms=q["dense_ms"], dense_backend=q["backend"])
+        if q["compact_ms"] < row["compact_ms"]:
+            row.update(compact_ms=q["compact_ms"], compact_backend=q["backend"])
+    rows = []
+    for (model, phase, batch, level), r in out.items():
+        ratio = r["compact_ms"] / r["dense_ms"]
+        rows.append({"model": model, "phase": phase, "batch": batch, "level": level, **r,
+                     "latency_ratio": ratio, "speedup_per_macs_reduction": r["macs_ratio"] / ratio})
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Measured {result['date']}, {result['machine']}, torch {result['torch']}: `{result['command']}`.", "",
+             "Each side on its fastest backend:", "",
+             "| model | phase | batch | level | MACs ratio | dense ms (backend) | compact ms (backend) | speed-up / MACs reduction |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in best_of_each_side(result["points"]):
+        lines.append(f"| {r['model']} | {r['phase']} | {r['batch']} | {r['level']} | {r['macs_ratio']:.3f} | "
+                     f"{r['dense_ms']:.1f} ({r['dense_backend']}) | {r['compact_ms']:.1f} ({r['compact_backend']}) | "
+                     f"**{r['speedup_per_macs_reduction']:.2f}** |")
+    lines += ["", "Every backend:", "",
+              "| model | phase | backend | batch | level | MACs ratio | latency ratio (dense ms) | speed-up / MACs reduction | ONNX max abs diff |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for q in result["points"]:
+        diff = "-" if q["max_abs_diff_onnx"] is None else f"{q['max_abs_diff_onnx']:.1e}"
+        lines.append(f"| {q['model']} | {q['phase']} | {q['backend']} | {q['batch']} | {q['level']} | {q['macs_ratio']:.3f} "
+                     f"| {q['latency_ratio']:.3f} ({q['dense_ms']:.1f}) | {q['speedup_per_macs_reduction']:.2f} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    np.random.seed(0)
+    main()

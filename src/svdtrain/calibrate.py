@@ -1,0 +1,50 @@
+"""BatchNorm recalibration after a cut: the running statistics of the uncut model no longer
+describe the activations of the cut one, so they are re-estimated on a few batches.
+
+    svdtrain.prune(model, macs_budget=0.33, input_shape=(1, 3, 32, 32))
+    svdtrain.recalibrate_batchnorm(model, (x for x, _ in train_loader), max_batches=16)
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> int:
+    """Re-estimate every BatchNorm's running mean and variance from `batches` (inputs, or
+    (inputs, targets) pairs) as the plain average over the batches of their statistics, with
+    the model as it is now: no gradient, no weight changes, every module's mode and each
+    BatchNorm's momentum restored afterwards. Returns the number of batches used (0: nothing
+    changed, e.g. a model without BatchNorm)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in norms}
+    saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms}
+    used = 0
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+            m.train()
+        with torch.no_grad():
+            for batch in batches:
+                if max_batches is not None and used >= max_batches:
+                    break
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                used += 1
+    finally:
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        for m, training in modes.items():
+            m.training = training
+        if used == 0:  # nothing seen: keep what the model had
+            for m, (mean, var, count) in saved.items():
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+    return used
