@@ -80,6 +80,11 @@ def decode_step(model, prompt):
     return step
 
 
+def matmul_weights(model) -> int:
+    """Elements of the weights of every Linear and Conv2d (embeddings are looked up, not read whole)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+
+
 def interleaved(fns: dict, reps: int) -> dict:
     times = {k: [] for k in fns}
     with torch.inference_mode():
@@ -133,6 +138,7 @@ def main(argv=None):
             models[level] = svdtrain.export(svd, example_inputs=small).eval()
             macs[level] = svdtrain.count_macs(models[level], example_inputs=small)
             del svd
+        weights = {k: matmul_weights(m) for k, m in models.items()}  # what a decode step reads
         phases = ["prefill", "decode"] if name == "llama_100m" else ["forward"]
         for phase in phases:
             for batch in batches[name]:
@@ -162,7 +168,10 @@ def main(argv=None):
                             "speedup": round(1 / l_ratio, 3), "macs_reduction": round(1 / m_ratio, 3),
                             "speedup_per_macs_reduction": round(m_ratio / l_ratio, 3),
                             "dense_ms": round(1e3 * times["dense"], 2), "compact_ms": round(1e3 * times[level], 2),
-                            "max_abs_diff_onnx": check.get(level)})
+                            "max_abs_diff_onnx": check.get(level),
+                            **({"weights_ratio": round(weights[level] / weights["dense"], 4),
+                                "speedup_per_weights_reduction": round(weights[level] / weights["dense"] / l_ratio, 3)}
+                               if phase == "decode" else {})})
                     result.update(machine=f"{platform.machine()}, {args.threads} threads, no GPU was available for this run",
                                   torch=torch.__version__, date=datetime.date.today().isoformat(),
                                   command=f"python benchmarks/deploy.py --threads {args.threads} --reps {args.reps}")
@@ -199,6 +208,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['model']} | {r['phase']} | {r['batch']} | {r['level']} | {r['macs_ratio']:.3f} | "
                      f"{r['dense_ms']:.1f} ({r['dense_backend']}) | {r['compact_ms']:.1f} ({r['compact_backend']}) | "
                      f"**{r['speedup_per_macs_reduction']:.2f}** |")
+    decode = [q for q in result["points"] if "weights_ratio" in q]
+    if decode:
+        lines += ["", "Decode (one token, KV cache of 512, batch 1, eager): speed-up against the reduction in "
+                  "weights read per step:", "", "| level | weights ratio | latency ratio (dense ms) | "
+                  "speed-up / weights reduction |", "|---|---|---|---|"]
+        lines += [f"| {q['level']} | {q['weights_ratio']:.3f} | {q['latency_ratio']:.3f} ({q['dense_ms']:.1f}) | "
+                  f"**{q['speedup_per_weights_reduction']:.2f}** |" for q in decode]
     lines += ["", "Every backend:", "",
               "| model | phase | backend | batch | level | MACs ratio | latency ratio (dense ms) | speed-up / MACs reduction | ONNX max abs diff |",
               "|---|---|---|---|---|---|---|---|---|"]
