@@ -61,7 +61,7 @@ def test_scores_decide_which_layer_and_which_values_are_cut():
 def test_bad_scores_are_clear_errors():
     model = svdtrain.decompose(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
     good = {"0": torch.ones(4), "1": torch.ones(4)}
-    with pytest.raises(ValueError, match="macs_budget only"):
+    with pytest.raises(ValueError, match="macs_budget or latency_budget only"):
         svdtrain.prune(model, keep_energy=0.9, scores=good)
     with pytest.raises(ValueError, match="missing"):
         svdtrain.prune(model, macs_budget=0.5, input_shape=(1, 4), scores={"0": torch.ones(4)})
