@@ -255,7 +255,8 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
                                                                      f"decompose.dense_checkpoint={dense_state}"]
         cfg = compress_config(args, seed, *init, *lr_overrides(args, method), f"regularizer.target_macs={budget}",
                               f"regularizer.strength={args.strength}", f"regularizer.target_at={args.target_at}",
-                              f"prune.gradual={str(args.gradual).lower()}", f"prune.score={rank_score(args, method)}")
+                              f"prune.gradual={str(args.gradual).lower()}", f"prune.score={rank_score(args, method)}",
+                              f"prune.recalibrate={args.recalibrate}")
         if args.svd_warmup:
             cfg = load_config(None, dense_warmup(args, work, seed), base=cfg)
         if args.svd_schedule == "one":  # the whole budget one train stage under one schedule (no restart)
@@ -267,7 +268,7 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
         cfg = compress_config(args, seed, *lr_overrides(args, method), "decompose.init=svd",
                               f"decompose.dense_checkpoint={dense_state}",
                               "epochs.train=0", f"epochs.finetune={finetune}", f"prune.macs_budget={budget}",
-                              f"prune.score={rank_score(args, method)}")
+                              f"prune.score={rank_score(args, method)}", f"prune.recalibrate={args.recalibrate}")
         point = pipeline_point(out, cfg)
     else:
         from_dense = not scratch or method == "filter_pruning_l1"

@@ -59,6 +59,8 @@ def method_settings(args, method: str) -> dict:
         own["rank_score"] = rule
     if method in args.method_lr:
         own["lr"] = args.method_lr[method]
+    if method in ("svd_training", "posthoc_svd") and args.recalibrate:
+        own["recalibrate"] = args.recalibrate
     return own
 
 
@@ -109,6 +111,9 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     p.add_argument("--group-reg", type=float, default=None,
                    help="filter_pruning: group-norm weight (default: from scratch 1e-4, chosen on validation; "
                         "for a trained model 5e-4, Torch-Pruning's CIFAR default)")
+    p.add_argument("--recalibrate", type=int, default=0,
+                   help="svd_training, posthoc_svd: re-estimate BatchNorm statistics on this many training "
+                        "batches after the cut (prune.recalibrate)")
     p.add_argument("--rank-score", choices=("energy", "loss"), default="energy",
                    help="svd_training, posthoc_svd and trp: rank singular values by energy share or loss importance")
     p.add_argument("--method-rank-score", nargs="+", default=[], metavar="METHOD=RULE",
