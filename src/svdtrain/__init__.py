@@ -13,7 +13,8 @@ from .calibrate import recalibrate_batchnorm
 from .decompose import decompose
 from .export import export, export_onnx, export_program
 from .importance import EnergyShare, SingularValueImportance, loss_importance
-from .layers import SVDConv2d, SVDLayer, SVDLinear, svd_layers
+from .conv import SVDConv2d
+from .layers import SVDLayer, SVDLinear, svd_layers
 from .losses import Regularizer, orthogonality_loss, param_groups, sparsity_loss
 from .macs import count_macs, count_params
 from .pretrained import from_pretrained, save_pretrained

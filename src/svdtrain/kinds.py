@@ -18,7 +18,8 @@ from typing import Callable
 from torch import nn
 
 from .attention import SVDMultiheadAttention, plain_attention
-from .layers import SVDConv2d, SVDLinear
+from .conv import SVDConv2d
+from .layers import SVDLinear
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .layers import SVDConv2d, svd_layers, unwrap
+from .conv import SVDConv2d
+from .layers import svd_layers, unwrap
 
 WEIGHTS = "svdtrain_model.safetensors"
 PLAN = "svdtrain_plan.json"
