@@ -69,5 +69,9 @@ def test_latency_budget_on_the_wall_clock_runs_and_cuts():
     model = svdtrain.decompose(nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)), init="svd").eval()
     ranks = svdtrain.prune(model, latency_budget=0.5, input_shape=(64, 256))
     assert set(ranks) == {"0", "2"} and all(1 <= k <= 256 for k in ranks.values())
+    # each layer is pinned to the form that was faster at its rank, and a cut layer ships its pair
+    for name, layer in svdtrain.svd_layers(model):
+        assert layer.plan.form in ("dense", "factored")
+        assert layer.plan.form == "factored" or ranks[name] == 256
     with pytest.raises(ValueError, match="exactly one of keep_energy, macs_budget or latency_budget"):
         svdtrain.prune(model, macs_budget=0.5, latency_budget=0.5, input_shape=(1, 256))

@@ -72,7 +72,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         done[id(module)] = new
         _set_submodule(root, name, new)
     for m in root.modules():
-        if not any(isinstance(a, SVDLayer) for a in m.modules()):
+        if not isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)) or \
+                not any(isinstance(a, SVDLayer) for a in m.modules()):
             continue
         if isinstance(m, nn.TransformerEncoder):  # its nested-tensor path packs q, k, v
             m.use_nested_tensor = False

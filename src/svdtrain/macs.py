@@ -51,13 +51,13 @@ def _prod(xs) -> int:
     return out
 
 
-def _attention_macs(m: nn.Module, q: torch.Tensor, k: torch.Tensor, projections: bool = True) -> int:
+def _attention_macs(m: nn.Module, q: torch.Tensor, k: torch.Tensor) -> int:
     if q.dim() == 2:  # unbatched (L, E)
         n, tgt, src = 1, q.shape[0], k.shape[0]
     else:
         n, tgt, src = (q.shape[0], q.shape[1], k.shape[1]) if m.batch_first else (q.shape[1], q.shape[0], k.shape[0])
     e = m.embed_dim
-    proj = tgt * e * e + src * m.kdim * e + src * m.vdim * e + tgt * e * e if projections else 0  # q, k, v, out
+    proj = tgt * e * e + src * m.kdim * e + src * m.vdim * e + tgt * e * e  # q, k, v, out
     return n * (proj + 2 * tgt * src * e)  # + scores (q k^T) and weights @ v
 
 
