@@ -9,6 +9,7 @@ from torch import nn
 from .kinds import KINDS, kind_of
 from .layers import SVDLayer, unwrap
 from .macs import profile
+from .whiten import check as check_calibration, whiten_model
 
 log = logging.getLogger("svdtrain")
 
@@ -25,7 +26,8 @@ def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:
 
 
 def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: Skip = None, *,
-              input_shape=None, example_inputs=None) -> nn.Module:
+              input_shape=None, example_inputs=None, calibration: Iterable | None = None,
+              whiten: str = "cholesky") -> nn.Module:
     """Replace, in place, every layer of a registered kind (kinds.py: nn.Conv2d, nn.Linear,
     nn.MultiheadAttention) of `model` by its SVD form (attention: SVDMultiheadAttention, its
     q, k, v and output projections each an SVDLinear with its own rank). With `input_shape`
@@ -37,6 +39,13 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
           "random_scaled" the same with s scaled so that each W has the norm of the layer's
           current (freshly initialised) weight.
     skip: None, qualified module names, or a predicate (name, module) -> bool.
+    calibration: with init="svd" and mode="channel", input batches (tensors, (x, y) tuples, or
+          dicts of keyword arguments) run through the model to factor each new layer
+          activation-aware (whiten.py): W S = U Σ V'^T with S from the layer's inputs,
+          whiten="cholesky" (SVD-LLM: S the Cholesky factor of their second moment, slightly
+          damped) or "diag" (ASVD: S = diag(mean |x|)^0.5); V^T = V'^T S^{-1}, so the outputs
+          are unchanged and `s` ranks directions by output error. Attention projections are
+          whitened by their own inputs.
     Grouped/depthwise convs, convs with string padding, Conv1d/3d, transposed convs, Linear
     subclasses, attention with add_bias_kv or add_zero_attn, and RNNs stay dense: one log line says how many layers
     were decomposed, holding what share of the model's MACs (with `input_shape` or
@@ -55,6 +64,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     # Duplicates are kept so a layer shared under two names becomes one SVD layer in both.
     targets = [(name, m) for name, m in root.named_modules(remove_duplicate=False)
                if kind_of(m) is not None and not skipped(name, m)]
+    if calibration is not None:
+        check_calibration(init, mode, whiten, [kind_of(m) for _, m in targets if kind_of(m).why_dense(m) is None])
     done: dict[int, nn.Module] = {}
     left: dict[str, str] = {}  # name -> why it stays dense
     for name, module in targets:
@@ -81,6 +92,9 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
             # Its fused inference path reads linear1/linear2/attention weights directly and
             # bypasses their SVD forward; this flag is read only by that path's check.
             m.activation_relu_or_gelu = 0
+    if calibration is not None:
+        whiten_model(root, [m for new in done.values() for m in new.modules() if isinstance(m, SVDLayer)],
+                     calibration, whiten)
     _log_coverage(root, done, left, skipped, records)
     if records is not None:
         profile(root, input_shape, example_inputs)  # the new layers' plans record their calls

@@ -1,0 +1,197 @@
+"""Activation-aware decomposition: factor W·S instead of W, S from the layer's inputs on a few
+calibration batches (SVD-LLM's whitening; ASVD's diagonal scaling as the cheaper variant).
+
+A layer's output error under a weight change D is ||X D^T||_F^2 = tr(D C D^T) n, with X the
+n inputs (rows) it saw and C = X^T X / n their second moment. With S S^T = C,
+||X D^T||_F^2 / n = ||D S||_F^2, so the truncated SVD of W S is the rank-k weight of least
+output error, and its singular values squared are each direction's share of it. Here:
+
+    W S = U Σ V'^T   ->   U, s := Σ, V^T := V'^T S^{-1}   (W = U diag(s) V^T exactly)
+
+so the layer still computes W, its `s` is the whitened spectrum (energy share and the
+MACs-budget rule then rank values by output error), and V is orthonormal in the activation
+metric (V^T C V = I), no longer in the plain one. Two choices of S:
+
+- "cholesky" (SVD-LLM): S = L, the lower Cholesky factor of C + eps·mean(diag C)·I with
+  eps = DAMPING = 1e-6: the small relative damping keeps rank-deficient moments (fewer samples
+  than columns, input channels that are always zero) factorable; it adds eps·mean(diag C)
+  ||D||_F^2 to the error the truncation minimises, negligible otherwise.
+- "diag" (ASVD): S = diag(mean_rows |x_j|)^ALPHA, ALPHA = 0.5, floored at DAMPING times its
+  mean (a column that is always zero).
+
+The rows of X: a Linear's inputs flattened over every dim but the last; a channel-mode Conv2d's
+unfolded patches (torch.nn.functional.unfold with its stride, padding, dilation and padding
+mode; c·kh·kw columns in the order of the weight's channel view).
+`decompose(model, init="svd", calibration=batches, whiten=...)` calls `whiten_model` on the
+layers it has just put in SVD form; the inputs are read by forward pre-hooks on those SVD layers,
+which compute exactly what the replaced layers did. nn.MultiheadAttention is covered: its q, k,
+v and out projections are SVD layers called on the attention's query, key, value inputs and on
+its attention output, each whitened by what it sees.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import SVDMultiheadAttention
+from .conv import SVDConv2d
+from .layers import SVDLayer, SVDLinear
+
+log = logging.getLogger("svdtrain")
+
+WHITEN = ("cholesky", "diag")
+DAMPING = 1e-6
+ALPHA = 0.5
+# The SVD forms whose inputs are read here; a kind whose SVD form is another type is refused.
+SUPPORTED = (SVDLinear, SVDConv2d, SVDMultiheadAttention)
+
+
+def check(init: str, mode: str, whiten: str, kinds: Iterable) -> None:
+    """The one-line ValueErrors of a calibrated `decompose`, raised before any layer changes."""
+    if init != "svd":
+        raise ValueError(f"calibration needs init='svd' (it refactors the trained weights), got init={init!r}")
+    if mode != "channel":
+        raise ValueError(f"calibration supports mode='channel' only (a spatial view has no input "
+                         f"second moment to whiten by), got mode={mode!r}")
+    if whiten not in WHITEN:
+        raise ValueError(f"whiten must be one of {WHITEN}, got {whiten!r}")
+    for kind in kinds:
+        if kind.svd_type not in SUPPORTED:
+            raise ValueError(f"calibration cannot whiten layer kind {kind.name!r} "
+                             f"(supported: Linear, Conv2d, MultiheadAttention, GPT-2 Conv1D)")
+
+
+class Moment:
+    """The running input statistic of one layer: sum of x x^T ("cholesky") or of |x| ("diag")
+    over its input rows, in float64, and the row count."""
+
+    def __init__(self, layer: SVDLayer, whiten: str):
+        self.layer, self.whiten, self.rows = layer, whiten, 0
+        self.total = None
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = input_rows(self.layer, x.detach())
+        part = rows.T @ rows if self.whiten == "cholesky" else rows.abs().sum(0)
+        self.total = part.double() if self.total is None else self.total + part.double()
+        self.rows += rows.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        """S: lower triangular (cholesky), or the diagonal as a vector (diag); float64."""
+        mean = self.total / self.rows
+        if self.whiten == "diag":
+            d = mean.pow(ALPHA)
+            return d.clamp_min(DAMPING * float(d.mean()))
+        damping = DAMPING * float(mean.diagonal().mean())
+        return torch.linalg.cholesky(mean + damping * torch.eye(mean.shape[0], dtype=mean.dtype, device=mean.device))
+
+
+def input_rows(layer: SVDLayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of its matrix view's columns: (positions, cols)."""
+    if isinstance(layer, SVDConv2d):
+        if layer.mode != "channel":
+            raise ValueError("whitening needs a channel-mode SVDConv2d")
+        if x.dim() == 3:  # unbatched (C, H, W)
+            x = x.unsqueeze(0)
+        padding = layer.padding
+        if layer.padding_mode != "zeros":
+            ph, pw = padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=layer.padding_mode)
+            padding = (0, 0)
+        patches = F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)
+        return patches.transpose(1, 2).reshape(-1, layer.cols)
+    if isinstance(layer, SVDLinear):
+        return x.reshape(-1, layer.cols)
+    raise ValueError(f"cannot whiten a {type(layer).__name__}")
+
+
+@torch.no_grad()
+def whiten_layer(layer: SVDLayer, S: torch.Tensor) -> None:
+    """Refactor an unpruned SVD layer in place as W S = U Σ V'^T, s = Σ, V^T = V'^T S^{-1}, so it
+    computes the same W. S: a lower-triangular (cols x cols) matrix, or a vector (a diagonal)."""
+    if layer.rank != layer.full_rank:
+        raise ValueError("whiten_layer needs an unpruned layer (whiten before pruning)")
+    if S.shape not in ((layer.cols,), (layer.cols, layer.cols)):
+        raise ValueError(f"S must be ({layer.cols},) or ({layer.cols}, {layer.cols}), got {tuple(S.shape)}")
+    S = S.double()
+    if S.dim() == 2 and not torch.equal(S, S.tril()):
+        raise ValueError("S must be lower triangular (a Cholesky factor) or a vector")
+    if not bool((S.diagonal() if S.dim() == 2 else S).abs().min() > 0):
+        raise ValueError("S must be invertible (no zero on its diagonal)")
+    w = layer.matrix().double()
+    u, s, vh = torch.linalg.svd(w * S if S.dim() == 1 else w @ S, full_matrices=False)
+    if S.dim() == 1:
+        vh = vh / S
+    else:  # V'^T S^{-1}: the solution X of X S = V'^T
+        vh = torch.linalg.solve_triangular(S.to(vh.device), vh, upper=False, left=False)
+    for param, value in ((layer.U, u), (layer.s, s), (layer.V, vh.mT)):
+        param.copy_(value.to(param.dtype))
+
+
+def _run(model: nn.Module, batch) -> None:
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+
+    def to(t):
+        return t.to(device) if torch.is_tensor(t) and device is not None else t
+
+    if isinstance(batch, dict):
+        model(**{k: to(v) for k, v in batch.items()})
+    elif isinstance(batch, (tuple, list)):
+        model(to(batch[0]))
+    else:
+        model(to(batch))
+
+
+def collect_moments(model: nn.Module, layers: Iterable[SVDLayer], batches: Iterable, whiten: str) -> tuple[dict, int]:
+    """Run `batches` through `model` (eval mode, no grad; every module's mode restored) with a
+    forward pre-hook on each of `layers`; returns ({layer: Moment}, number of batches). A batch
+    is a tensor, an (x, y, ...) tuple or list (x is passed), or a dict of keyword arguments."""
+    moments = {layer: Moment(layer, whiten) for layer in layers}
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        moments[module].add(x)
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in moments]
+    modes = {m: m.training for m in model.modules()}
+    used = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                _run(model, batch)
+                used += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return moments, used
+
+
+def whiten_model(model: nn.Module, layers: Iterable[SVDLayer], batches: Iterable, whiten: str = "cholesky") -> int:
+    """Whiten each of `layers` (unpruned SVD layers of `model`) by its inputs on `batches`;
+    returns the number of batches used. A layer the batches never reach keeps its plain SVD
+    (a WARNING names it)."""
+    if whiten not in WHITEN:
+        raise ValueError(f"whiten must be one of {WHITEN}, got {whiten!r}")
+    layers = list(dict.fromkeys(layers))  # a shared layer once
+    moments, used = collect_moments(model, layers, batches, whiten)
+    if used == 0:
+        raise ValueError("calibration gave no batches")
+    unseen = []
+    for layer, moment in moments.items():
+        if moment.rows == 0 or not bool(moment.total.abs().sum() > 0):
+            unseen.append(layer)
+            continue
+        whiten_layer(layer, moment.matrix())
+    names = {id(m): n for n, m in model.named_modules()}
+    log.info("svdtrain: whitened %d layers (%s) on %d calibration batches", len(layers) - len(unseen), whiten, used)
+    if unseen:
+        log.warning("svdtrain: no calibration input reached %s: plain SVD kept",
+                    ", ".join(names.get(id(m), "?") for m in unseen[:8]))
+    return used

@@ -1,0 +1,124 @@
+"""Activation-aware decomposition (whiten.py): exact at init; its truncation is the rank-k weight
+of least output error, checked against Eckart-Young on the outputs themselves; errors."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import svdtrain
+from svdtrain.kinds import KINDS, LayerKind, register
+from svdtrain.whiten import DAMPING, whiten_layer
+from helpers import TinyResNet, randomize_bn
+
+
+def correlated(n, dim, generator=None):
+    """Rows with strongly correlated coordinates and scales spread over two decades."""
+    mix = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    scales = torch.logspace(0, -2, dim, dtype=torch.float64)
+    return (torch.randn(n, dim, generator=generator, dtype=torch.float64) * scales) @ mix
+
+
+@pytest.mark.parametrize("whiten", ["cholesky", "diag"])
+def test_whitened_decomposition_is_exact(whiten):
+    model = randomize_bn(TinyResNet()).eval()
+    model.a1.padding_mode = "reflect"  # the unfold path pads as the conv does
+    x = torch.randn(16, 3, 16, 16)
+    svd = svdtrain.decompose(copy.deepcopy(model), init="svd",
+                             calibration=[(x[:8], None), x[8:]], whiten=whiten)
+    with torch.no_grad():
+        assert torch.allclose(svd(x), model(x), atol=1e-4)
+        assert torch.allclose(svd(x + 1), model(x + 1), atol=1e-4)  # W itself, not only on the calibration data
+    for name in ("stem", "a1", "a2", "b1", "b2", "down.0", "fc"):
+        assert torch.allclose(svd.get_submodule(name).dense_weight(), model.get_submodule(name).weight, atol=1e-5)
+    gram = svd.b2.V.T @ svd.b2.V  # the factors did change: V is no longer orthonormal
+    assert not torch.allclose(gram, torch.eye(gram.shape[0]), atol=1e-2)
+
+
+def test_linear_truncation_is_the_optimal_rank_k_approximation():
+    g = torch.Generator().manual_seed(0)
+    x = correlated(2000, 24, g)
+    dense = nn.Sequential(nn.Linear(24, 16)).double()
+    y = dense(x).detach()
+    k = 6
+    # Independent: the best rank-k approximation of the outputs Y - b = X W^T (Eckart-Young) is
+    # itself X W'^T for a rank-k W' (its columns lie in X's column space), so the least output
+    # error over rank-k weights is the tail of Y's singular values.
+    tail = torch.linalg.svdvals(x @ dense[0].weight.detach().T)[k:]
+    optimal = float(tail.pow(2).sum().sqrt())
+
+    def error(**kw):
+        model = svdtrain.decompose(copy.deepcopy(dense), init="svd", **kw)
+        svdtrain.set_ranks(model, {"0": k})
+        return float((model(x).detach() - y).norm())
+
+    whitened = error(calibration=[x[:1000], x[1000:]], whiten="cholesky")
+    plain = error()
+    assert whitened == pytest.approx(optimal, rel=1e-4)
+    assert plain > 1.5 * whitened
+    diag = error(calibration=[x], whiten="diag")
+    assert optimal * (1 - 1e-6) <= diag < plain
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_conv_energy_is_output_error(padding_mode):
+    """Strided, padded conv: dropping whitened values costs their energy in output error,
+    per output position. A wrong patch layout (stride, padding) would break the equality."""
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode=padding_mode).double()
+    g = torch.Generator().manual_seed(1)
+    x = correlated(8 * 11 * 11, 4, g).reshape(8, 11, 11, 4).permute(0, 3, 1, 2).contiguous()
+    model = svdtrain.decompose(nn.Sequential(copy.deepcopy(conv)), init="svd", calibration=[x])
+    s = model[0].s.detach().clone()
+    svdtrain.set_ranks(model, {"0": 3})
+    with torch.no_grad():
+        out, ref = model(x), conv(x)
+    positions = out.shape[0] * out.shape[2] * out.shape[3]
+    assert float((out - ref).pow(2).sum() / positions) == pytest.approx(float(s[3:].pow(2).sum()), rel=1e-4)
+
+
+def test_attention_projections_are_whitened_by_their_inputs():
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+    model = nn.Sequential(layer)
+    x = torch.randn(4, 10, 16) @ torch.randn(16, 16)
+    ref = model(x).detach()
+    svdtrain.decompose(model, init="svd", calibration=[x])
+    assert torch.allclose(model(x), ref, atol=1e-4)
+    # q's V is orthonormal in the metric of its input, the attention input: V^T C V = I
+    # (C the damped second moment whiten.py documents)
+    rows = x.reshape(-1, 16).double()
+    c = rows.T @ rows / rows.shape[0]
+    c = c + DAMPING * c.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    v = model[0].self_attn.q_proj.V.detach().double()
+    assert torch.allclose(v.T @ c @ v, torch.eye(16, dtype=torch.float64), atol=1e-4)
+
+
+def test_bad_input_errors():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="init='svd'"):
+        svdtrain.decompose(copy.deepcopy(model), init="random", calibration=[x])
+    with pytest.raises(ValueError, match="mode='channel'"):
+        svdtrain.decompose(copy.deepcopy(model), mode="spatial", calibration=[x])
+    with pytest.raises(ValueError, match="whiten must be"):
+        svdtrain.decompose(copy.deepcopy(model), calibration=[x], whiten="pca")
+    with pytest.raises(ValueError, match="no batches"):
+        svdtrain.decompose(copy.deepcopy(model), calibration=[])
+
+    class Scaled(nn.Linear):
+        pass
+
+    register(LayerKind("scaled", Scaled, lambda m, mode, init: svdtrain.SVDLinear.from_linear(m, init)))
+    try:
+        unsupported = nn.Sequential(Scaled(4, 4))
+        with pytest.raises(ValueError, match="cannot whiten layer kind 'scaled'"):
+            svdtrain.decompose(unsupported, calibration=[torch.randn(2, 4)])
+        assert isinstance(unsupported[0], Scaled)  # refused before anything changed
+    finally:
+        del KINDS[Scaled]
+    layer = svdtrain.decompose(nn.Sequential(nn.Linear(4, 3)))[0]
+    with pytest.raises(ValueError, match="lower triangular"):
+        whiten_layer(layer, torch.ones(4, 4))
+    svdtrain.set_ranks(nn.Sequential(layer), {"0": 2})
+    with pytest.raises(ValueError, match="unpruned"):
+        whiten_layer(layer, torch.ones(4))
