@@ -14,7 +14,10 @@ Two regimes (--regime):
               trained E epochs (their E). Results: compare_cifar10.{json,md,png}; points
               of the earlier fixed-strength comparison stay there under "earlier".
 Methods (the same augmentation, batch, optimizer family in both regimes):
-  svd_training       decompose (svd init from the trained model; from scratch --svd-init),
+  svd_training       its regime's shipped config, as a user runs it (configs/cifar10_resnet20.yaml
+                     from scratch, configs/cifar10_resnet20_compress.yaml for a trained model) at
+                     the point's level, seed and split: decompose (svd init from the trained model;
+                     from scratch --svd-init),
                      budget-driven training to the level (the sparsity strength steered, values
                      masked along the schedule with --gradual), prune, fine-tune (orthogonality on)
   posthoc_svd        decompose the dense model, prune to the level, fine-tune (orthogonality on)
@@ -61,7 +64,7 @@ from svdtrain.train import Run
 
 # benchmarks/ is on sys.path when run as a script
 from compare_report import plot, read_points, stages_table, summary_table
-from compare_settings import (HERE, LEVELS, METHODS, RESULT, SVD_METHODS, budget_of, lr_overrides,
+from compare_settings import (HERE, LEVELS, METHODS, RESULT, SVD_CONFIGS, SVD_METHODS, budget_of, lr_overrides,
                               method_settings, parse_args, rank_score)
 
 CONFIG = HERE.parent / "configs" / "cifar10_resnet20.yaml"
@@ -69,10 +72,11 @@ DENSE_RUN = HERE / "results" / "pretrained_dense"  # the dense model the pretrai
 SHAPE = (1, 3, 32, 32)
 
 
-def base(args, seed: int, *overrides: str) -> dict:
-    """The run config shared by every method (the scratch regime's training recipe)."""
-    return load_config(CONFIG, [f"val_size={args.val_size}", f"data_dir={args.data_dir}", f"threads={args.threads}",
-                                f"device={args.device}", f"seed={seed}", "epochs.orth=0", "regularizer.target_macs=0",
+def base(args, seed: int, *overrides: str, config: Path = CONFIG) -> dict:
+    """The run config shared by every method (the scratch regime's training recipe; SVD
+    training's: its regime's shipped config)."""
+    return load_config(config, [f"val_size={args.val_size}", f"data_dir={args.data_dir}", f"threads={args.threads}",
+                                f"device={args.device}", f"seed={seed}", "epochs.orth=0", "regularizer.target_macs=0", "prune.gradual=false",
                                 f"epochs.finetune={args.finetune_epochs}", f"optim.finetune_lr={args.finetune_lr}",
                                 *overrides])
 
@@ -88,13 +92,32 @@ def dense_config(args, seed: int) -> dict:
     return base(args, seed, "decompose.enabled=false", f"epochs.train={args.train_epochs}")
 
 
-def compress_config(args, seed: int, *overrides: str) -> dict:
+def compress_config(args, seed: int, *overrides: str, config: Path = CONFIG) -> dict:
     """The compression-time recipe: pretrained, E_c epochs cosine from --lr; scratch, E epochs
     of the config's one-cycle schedule."""
     if args.regime == "pretrained":
         return base(args, seed, f"epochs.train={args.compress_epochs}", f"optim.lr={args.lr}", "optim.schedule=cosine",
-                    "optim.warmup_fraction=0.0", *overrides)
-    return base(args, seed, f"epochs.train={args.train_epochs}", *overrides)
+                    "optim.warmup_fraction=0.0", *overrides, config=config)
+    return base(args, seed, f"epochs.train={args.train_epochs}", *overrides, config=config)
+
+
+def svd_training_config(args, work: Path, seed: int, level: float) -> dict:
+    """SVD training's run: its regime's shipped config (SVD_CONFIGS) at the point's level, seed
+    and split; at the default values every other key is the config's (tests/test_compare.py),
+    and a value given on the command line (a tuning point) overrides it."""
+    scratch = args.regime == "scratch"
+    init = [f"decompose.init={args.svd_init}"] if scratch else [
+        "decompose.init=svd", f"decompose.dense_checkpoint={dense_dir(args, work, seed) / 'model_state.pt'}"]
+    cfg = compress_config(args, seed, *init, *lr_overrides(args, "svd_training"), f"regularizer.target_macs={level}",
+                          f"regularizer.strength={args.strength}", f"regularizer.target_at={args.target_at}",
+                          f"prune.gradual={str(args.gradual).lower()}", f"prune.score={rank_score(args, 'svd_training')}",
+                          f"prune.recalibrate={args.recalibrate}", config=SVD_CONFIGS[args.regime])
+    if args.svd_warmup:
+        cfg = load_config(None, dense_warmup(args, work, seed), base=cfg)
+    if args.svd_schedule == "one":  # the whole budget one train stage under one schedule (no restart)
+        cfg = load_config(None, [f"epochs.train={cfg['epochs']['train'] + cfg['epochs']['finetune']}",
+                                 "epochs.finetune=0"], base=cfg)
+    return cfg
 
 
 def dense_warmup(args, work: Path, seed: int) -> list[str]:
@@ -251,18 +274,7 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
     out = run_dir(work, path, args, settings)
     scratch = args.regime == "scratch"
     if method == "svd_training":
-        init = [f"decompose.init={args.svd_init}"] if scratch else ["decompose.init=svd",
-                                                                     f"decompose.dense_checkpoint={dense_state}"]
-        cfg = compress_config(args, seed, *init, *lr_overrides(args, method), f"regularizer.target_macs={budget}",
-                              f"regularizer.strength={args.strength}", f"regularizer.target_at={args.target_at}",
-                              f"prune.gradual={str(args.gradual).lower()}", f"prune.score={rank_score(args, method)}",
-                              f"prune.recalibrate={args.recalibrate}")
-        if args.svd_warmup:
-            cfg = load_config(None, dense_warmup(args, work, seed), base=cfg)
-        if args.svd_schedule == "one":  # the whole budget one train stage under one schedule (no restart)
-            cfg = load_config(None, [f"epochs.train={cfg['epochs']['train'] + cfg['epochs']['finetune']}",
-                                     "epochs.finetune=0"], base=cfg)
-        point = pipeline_point(out, cfg)
+        point = pipeline_point(out, svd_training_config(args, work, seed, budget))
     elif method == "posthoc_svd":
         finetune = args.finetune_epochs + (0 if scratch else args.compress_epochs)
         cfg = compress_config(args, seed, *lr_overrides(args, method), "decompose.init=svd",

@@ -6,7 +6,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from svdtrain.config import load_config
+
 HERE = Path(__file__).resolve().parent
+# Each regime's SVD-training recipe, chosen on validation, is its shipped config: the points are
+# built from it (plus the level, seed, split and the run's machine keys), and the values below
+# that default to None are read from it.
+SVD_CONFIGS = {"scratch": HERE.parent / "configs" / "cifar10_resnet20.yaml",
+               "pretrained": HERE.parent / "configs" / "cifar10_resnet20_compress.yaml"}
+POINT_KEYS = {"seed", "val_size", "data_dir", "threads", "device", "regularizer.target_macs",
+              "decompose.dense_checkpoint"}  # what a point sets on top of its shipped config
 LEVELS = {"50%": 0.50, "33%": 0.33, "25%": 0.25}
 METHODS = ("svd_training", "posthoc_svd", "filter_pruning", "filter_pruning_l1", "trp")
 SVD_METHODS = ("svd_training", "posthoc_svd", "trp")  # the ones that cut singular values to the level
@@ -72,6 +81,24 @@ def budget_of(args) -> dict:
                if args.regime == "pretrained" else {"train_epochs": args.train_epochs})}
 
 
+def recipe_defaults(args) -> None:
+    """Fill the values left None from the regime's shipped config (SVD_CONFIGS): from scratch
+    the budget (E, E_f, fine-tuning lr) and SVD training's recipe; for a trained model SVD
+    training's recipe (its schedule over E_c + E_f, and its own lr where it is not the budget's)."""
+    cfg = load_config(SVD_CONFIGS[args.regime], ["decompose.dense_checkpoint=(each point's)"])
+    r, scratch = cfg["regularizer"], args.regime == "scratch"
+    for name, value in (("train_epochs", cfg["epochs"]["train"] if scratch else 10),
+                        ("finetune_epochs", cfg["epochs"]["finetune"] if scratch else 2),
+                        ("finetune_lr", cfg["optim"]["finetune_lr"] if scratch else 0.02),
+                        ("strength", r["strength"]), ("target_at", r["target_at"]),
+                        ("gradual", cfg["prune"]["gradual"]), ("svd_init", cfg["decompose"]["init"]),
+                        ("svd_schedule", "split" if cfg["epochs"]["finetune"] else "one")):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not scratch and cfg["optim"]["lr"] != args.lr:  # from scratch every method trains the config's lr
+        args.method_lr.setdefault("svd_training", cfg["optim"]["lr"])
+
+
 def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     """The command line, with each regime's defaults filled in."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,24 +113,25 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--dense-epochs", type=int, default=20, help="pretrained: the dense model's training")
     p.add_argument("--compress-epochs", type=int, default=4, help="pretrained: E_c")
-    p.add_argument("--train-epochs", type=int, default=10, help="scratch: E")
-    p.add_argument("--finetune-epochs", type=int, default=2, help="E_f")
+    p.add_argument("--train-epochs", type=int, default=None, help="scratch: E (default: the scratch config's)")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="E_f (default: from scratch the config's; for a trained model 2)")
     p.add_argument("--lr", type=float, default=0.02, help="pretrained: peak lr of E_c (cosine)")
-    p.add_argument("--finetune-lr", type=float, default=0.02)
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="default: from scratch the config's; for a trained model 0.02")
     p.add_argument("--method-lr", nargs="+", default=[], metavar="METHOD=LR",
                    help="a method's own peak lr (chosen on validation): from a trained model of E_c and E_f, "
                         "from scratch of E, e.g. svd_training=0.05")
-    p.add_argument("--strength", type=float, default=0.005, help="SVD training: the sparsity strength to start from")
+    p.add_argument("--strength", type=float, default=None, help="SVD training: the sparsity strength to start from")
     p.add_argument("--target-at", type=float, default=None,
-                   help="SVD training: where in its training the level is reached (default: from scratch 0.5; "
-                        "for a trained model 0.17, chosen on validation)")
-    p.add_argument("--gradual", action=argparse.BooleanOptionalAction, default=True,
+                   help="SVD training: where in its training the level is reached")
+    p.add_argument("--gradual", action=argparse.BooleanOptionalAction, default=None,
                    help="SVD training: mask values along the schedule (prune.gradual)")
     p.add_argument("--svd-schedule", choices=("split", "one"), default=None,
                    help="SVD training: train + fine-tune (split), or both as one train stage under one schedule "
-                        "(one; --target-at is then a fraction of all of it). Default: from scratch split; for a "
-                        "trained model one, chosen on validation")
-    p.add_argument("--svd-init", choices=("dense_init", "random", "random_scaled"), default="random_scaled",
+                        "(one; --target-at is then a fraction of all of it); default: one where the config "
+                        "fine-tunes 0 epochs")
+    p.add_argument("--svd-init", choices=("dense_init", "random", "random_scaled"), default=None,
                    help="scratch: SVD training's init (the init study compares them on the validation split)")
     p.add_argument("--svd-warmup", type=int, default=0, metavar="K",
                    help="scratch: SVD training's first K of the E epochs train the dense model; the rest of the "
@@ -128,13 +156,10 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     args.method_lr = per_method(args.method_lr, "--method-lr", positive_float)
     args.method_rank_score = per_method(args.method_rank_score, "--method-rank-score",
                                         lambda raw: raw if raw in ("energy", "loss") else None, SVD_METHODS)
-    scratch = args.regime == "scratch"  # each regime's recipe as chosen on its validation split
-    if args.group_reg is None:
+    scratch = args.regime == "scratch"
+    if args.group_reg is None:  # chosen on the scratch validation split; Torch-Pruning's CIFAR default
         args.group_reg = 1e-4 if scratch else 5e-4
-    if args.svd_schedule is None:
-        args.svd_schedule = "split" if scratch else "one"
-    if args.target_at is None:
-        args.target_at = 0.5 if scratch else 0.17
+    recipe_defaults(args)
     if scratch and (inert := sorted(set(args.method_lr) & {"posthoc_svd", "filter_pruning_l1"})):
         raise SystemExit(f"--method-lr {inert[0]}: from scratch it trains no E of its own (it starts from the "
                          "seed's dense model); its fine-tuning takes --finetune-lr")

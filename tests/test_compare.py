@@ -92,6 +92,31 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
     assert (out / f"{name}.md").read_text() == table
 
 
+@pytest.mark.parametrize("regime", ["scratch", "pretrained"])
+def test_svd_training_points_run_the_shipped_config(regime, tmp_path, monkeypatch):
+    """A benchmark point of SVD training is its regime's shipped config, as a user runs it: every
+    key equal but those a point sets (level, seed, split, machine, the trained model's path); a
+    value given on the command line (a tuning point) shows up as a difference."""
+    from svdtrain.config import flatten, load_config
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import compare
+    import compare_settings
+    shipped = compare_settings.SVD_CONFIGS[regime]
+    assert shipped.parent.name == "configs"
+
+    def differences(*argv):
+        args = compare_settings.parse_args(["--regime", regime, "--data-dir", str(tmp_path), *argv])
+        point = flatten(compare.svd_training_config(args, tmp_path, 2, 0.25))
+        user = flatten(load_config(shipped, ["decompose.dense_checkpoint=dense.pt"]))
+        assert set(point) == set(user)
+        return {key for key in point if point[key] != user[key]}, point
+    keys, point = differences()
+    assert keys <= compare_settings.POINT_KEYS
+    assert point["regularizer.target_macs"] == 0.25 and point["seed"] == 2
+    keys, point = differences("--target-at", "0.7", "--no-gradual")
+    assert keys - compare_settings.POINT_KEYS == {"regularizer.target_at", "prune.gradual"}
+
+
 def test_scratch_svd_training_alone_needs_no_dense_model(tmp_path):
     """From scratch, SVD training starts from its own init: no dense model is trained for it, its
     point records the MACs pruning would keep before the cut, and the report waits for the dense model.

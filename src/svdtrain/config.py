@@ -220,11 +220,13 @@ def key_stage(key: str) -> str | None:
 
 def read_by(key: str, cfg: dict) -> bool:
     """Whether a run of `cfg` reads `key`: a dense run (decompose.enabled false) reads no other
-    decompose setting and no fine-tuning one (it only trains), so a changed value there (e.g.
-    decompose.init, optim.finetune_lr) leaves it resumable."""
+    decompose setting, no regularizer or prune setting and no fine-tuning one (it only trains),
+    so a changed value there (e.g. decompose.init, prune.gradual, optim.finetune_lr) leaves it
+    resumable."""
     if cfg["decompose"]["enabled"]:
         return True
-    return not ((key.startswith("decompose.") and key != "decompose.enabled") or key_stage(key) == "finetune")
+    return not ((key.startswith("decompose.") and key != "decompose.enabled") or key_stage(key) == "finetune"
+                or key.startswith(("regularizer.", "prune.")))
 
 
 def with_defaults(cfg: dict) -> dict:

@@ -48,6 +48,8 @@ def build_run_model(cfg: dict, data, fresh: bool = True) -> nn.Module:
             if not path.is_file():
                 raise RunError(f"decompose.dense_checkpoint not found: {path}")
             state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state.get("model"), dict) and "config" in state:  # a dense run's checkpoint.pt
+                state = state["model"]
             try:
                 model.load_state_dict(state)
             except RuntimeError as err:
