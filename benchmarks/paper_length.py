@@ -1,0 +1,123 @@
+"""The method at the reference's length on CIFAR-10 ResNet-20 (configs/cifar10_resnet20_full.yaml:
+20 orthogonality-only + 164 + 60 epochs, 28% of the dense MACs), against the two anchors of
+equal length trained here and the published full-length figures.
+
+Three runs, each resumable (rerun the same command after a stop) and independent but for the
+post-hoc one, which starts from the dense model:
+  dense         the same recipe, plain layers, 184 epochs (orth + train) in one cosine schedule
+  svd_training  the full config as shipped (decompose.mode from --mode)
+  posthoc_svd   SVD of the dense model, cut to the same MACs by loss importance (the rule
+                chosen on validation for post-hoc SVD of a trained model), BatchNorm
+                re-estimated on 16 batches, the same 60 fine-tuning epochs: 184 + 60 in all
+
+    python benchmarks/paper_length.py --run dense --threads 1      # one core each, in parallel
+    python benchmarks/paper_length.py --run svd_training --threads 1
+    python benchmarks/paper_length.py --run posthoc_svd --threads 1   # after dense
+    python benchmarks/paper_length.py --report-only
+Result: results/paper_length.json (+ .md): every finished run's summary; the test set only reports.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from svdtrain.config import load_config
+from svdtrain.train import Run
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE.parent / "configs" / "cifar10_resnet20_full.yaml"
+METHODS = ("dense", "svd_training", "posthoc_svd")
+# Published full-length anchors, ResNet-20 on CIFAR-10 (../shared/docs/METHOD.md): FLOPs reduction, top-1.
+ANCHORS = [
+    ("TRP, channel (its authors' README)", "2.17x", "91.74 -> 90.50"),
+    ("TRP, spatial (its authors' README)", "2.84x", "91.74 -> 90.62"),
+    ("SVD training, channel + Hoyer (a public re-run of the reference code)", "2.18x", "91.00 -> 91.17"),
+    ("LC rank selection (CVPR 2020)", "2.3x / 3.0x", "about -1.1 / -1.5 points"),
+]
+
+
+def config(method: str, args) -> dict:
+    common = [f"data_dir={args.data_dir}", f"threads={args.threads}", f"device={args.device}", f"seed={args.seed}"]
+    full = load_config(CONFIG, common)
+    e = full["epochs"]
+    if method == "dense":
+        return load_config(CONFIG, common + ["decompose.enabled=false", "epochs.orth=0",
+                                             f"epochs.train={e['orth'] + e['train']}"])
+    if method == "svd_training":
+        return load_config(CONFIG, common + [f"decompose.mode={args.mode}"])
+    dense = Path(args.work) / "dense" / "checkpoint.pt"
+    return load_config(CONFIG, common + ["decompose.init=svd", f"decompose.dense_checkpoint={dense}",
+                                         "epochs.orth=0", "epochs.train=0", "prune.score=loss",
+                                         "prune.recalibrate=16"])
+
+
+def point(method: str, args) -> dict | None:
+    summary = Path(args.work) / method / "summary.json"
+    if not summary.is_file():
+        return None
+    s, cfg = json.loads(summary.read_text()), config(method, args)
+    epochs = {"orth": 0, "train": cfg["epochs"]["orth"] + cfg["epochs"]["train"], "finetune": 0} \
+        if method == "dense" else dict(cfg["epochs"])
+    if method == "posthoc_svd":  # the dense model's epochs are its training
+        epochs["train"] = config("dense", args)["epochs"]["train"]
+    ratio = s["macs"] / s["dense_macs"]
+    return {"method": method, "epochs": epochs, "macs_ratio": ratio, "macs_reduction": 1 / ratio,
+            "accuracy": s["accuracy"], "val_accuracy": s.get("val_accuracy"), "seed": args.seed,
+            "mode": cfg["decompose"]["mode"] if method == "svd_training" else None}
+
+
+def report(args) -> None:
+    points = [p for m in METHODS if (p := point(m, args))]
+    if not points:
+        raise SystemExit(f"no finished run under {args.work}; nothing written")
+    dense = next((p["accuracy"] for p in points if p["method"] == "dense"), None)
+    for p in points:
+        p["dense_accuracy"] = dense
+    out = Path(args.out)
+    result = {"points": points, "config": str(CONFIG.relative_to(HERE.parent)),
+              "machine": f"{platform.machine()}, {args.threads} CPU thread(s) per run, torch {torch.__version__}",
+              "date": datetime.date.today().isoformat(),
+              "command": "python benchmarks/paper_length.py --run {dense,svd_training,posthoc_svd} "
+                         f"--threads {args.threads} --mode {args.mode}"}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    rows = ["| method | epochs (orth + train + fine-tune) | MACs | test top-1 | val top-1 | drop vs dense |",
+            "|---|---|---|---|---|---|"]
+    for p in points:
+        e = p["epochs"]
+        drop = f"{(dense - p['accuracy']) * 100:+.2f}" if dense is not None and p["method"] != "dense" else "-"
+        rows.append(f"| {p['method']} | {e['orth']} + {e['train']} + {e['finetune']} | {p['macs_ratio']:.1%} "
+                    f"({p['macs_reduction']:.2f}x fewer) | {p['accuracy']:.2%} | {p['val_accuracy']:.2%} | {drop} |")
+    rows += ["", "Published at full length:", "", "| method | fewer FLOPs | dense -> compressed top-1 |", "|---|---|---|"]
+    rows += [f"| {name} | {x} | {acc} |" for name, x, acc in ANCHORS]
+    out.with_suffix(".md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", choices=METHODS)
+    p.add_argument("--mode", choices=("channel", "spatial"), default="channel", help="svd_training's decompose.mode")
+    p.add_argument("--data-dir", default=str(Path.home() / ".cache" / "cifar10"))
+    p.add_argument("--work", default=str(HERE / "work" / "paper_length"))
+    p.add_argument("--out", default=str(HERE / "results" / "paper_length.json"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    if args.run and not args.report_only:
+        if args.run == "posthoc_svd" and not (Path(args.work) / "dense" / "summary.json").is_file():
+            raise SystemExit("posthoc_svd starts from the finished dense run: run --run dense first")
+        torch.set_num_threads(args.threads)
+        Run(Path(args.work) / args.run, config(args.run, args), quiet=True).execute()
+    report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
