@@ -122,3 +122,34 @@ def test_bad_input_errors():
     svdtrain.set_ranks(nn.Sequential(layer), {"0": 2})
     with pytest.raises(ValueError, match="unpruned"):
         whiten_layer(layer, torch.ones(4))
+
+
+def test_the_pipeline_whitens_on_its_first_training_batches(tmp_path):
+    """decompose.calibration=N: a run's init factors each layer by its inputs on the first N
+    training batches of its seed. Checked on the first conv, whose inputs are the images
+    themselves: its singular values are those of W·L, L computed here from those batches."""
+    from svdtrain.config import ConfigError, load_config
+    from svdtrain.context import build_run_model, run_dataset
+    from svdtrain.data import write_fake_cifar
+    from svdtrain.loader import BatchLoader
+    from svdtrain.models import build_model
+    write_fake_cifar(tmp_path, n_train=64, n_test=16)
+    dense = build_model("resnet20", 10).eval()
+    torch.save({"model": dense.state_dict(), "config": {}}, tmp_path / "checkpoint.pt")  # a dense run's file
+    over = [f"data_dir={tmp_path}", "model=resnet20", "decompose.init=svd", "batch_size=16",
+            f"decompose.dense_checkpoint={tmp_path / 'checkpoint.pt'}"]
+    cfg = load_config(None, over + ["decompose.calibration=2"])
+    data = run_dataset(cfg)
+    model = build_run_model(cfg, data).eval()
+    loader = BatchLoader(data.x_train, data.y_train, 16, train=True, seed=0, mean=data.mean, std=data.std)
+    x = torch.cat([b for b, _ in list(loader)[:2]]).double()
+    rows = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 27)
+    chol = torch.linalg.cholesky(rows.T @ rows / len(rows))
+    want = torch.linalg.svdvals(dense.conv1.weight.detach().double().reshape(16, 27) @ chol)
+    assert torch.allclose(model.conv1.s.detach().double(), want, rtol=1e-3)
+    with torch.no_grad():
+        assert torch.allclose(model(x[:4].float()), dense(x[:4].float()), atol=1e-3)
+    plain = build_run_model(load_config(None, over), data)
+    assert not torch.allclose(plain.conv1.s, model.conv1.s, rtol=1e-2)
+    with pytest.raises(ConfigError, match="decompose.init=svd"):
+        load_config(None, [f"data_dir={tmp_path}", "decompose.calibration=2"])

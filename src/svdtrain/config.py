@@ -18,7 +18,12 @@ DEFAULTS: dict = {
                                   # norm of the model's fresh dense init; chosen on CIFAR-10's validation split),
                                   # random (the reference's: U, V Kaiming, s ~ |N(0,1)|) or dense_init (SVD of the
                                   # model's own fresh dense init); svd: from dense_checkpoint
-        "dense_checkpoint": "",   # state_dict file of the dense model, for init: svd
+        "dense_checkpoint": "",   # state_dict file of the dense model (or a dense run's checkpoint.pt), for init: svd
+        # init: svd, activation-aware (whiten.py): > 0 factors W·S, S from each layer's inputs on
+        # this many training batches (whiten: cholesky as SVD-LLM, diag as ASVD), so that the
+        # singular values rank directions by output error; channel mode only
+        "calibration": 0,
+        "whiten": "cholesky",
         "skip": [],               # qualified layer names left dense
     },
     # target_macs > 0: the sparsity strength is steered (from `strength`) so that the MACs
@@ -74,6 +79,7 @@ CHOICES = {
     "decompose.mode": ("channel", "spatial"),
     "prune.score": ("energy", "loss"),
     "decompose.init": ("random", "random_scaled", "dense_init", "svd"),
+    "decompose.whiten": ("cholesky", "diag"),
     "regularizer.sparsity": ("hoyer", "hoyer_square", "l1", "none"),
     "optim.name": ("sgd", "adam", "adamw"),
     "optim.schedule": ("onecycle", "cosine", "step", "constant"),
@@ -198,6 +204,11 @@ def validate(cfg: dict) -> None:
     d = cfg["decompose"]
     if d["enabled"] and d["init"] == "svd" and not d["dense_checkpoint"]:
         raise ConfigError("decompose.init: svd needs decompose.dense_checkpoint (a dense state_dict file)")
+    if d["calibration"] and (d["init"] != "svd" or d["mode"] != "channel"):
+        raise ConfigError("decompose.calibration whitens the SVD of trained weights: it needs decompose.init=svd "
+                          "and decompose.mode=channel")
+    if d["calibration"] < 0:
+        raise ConfigError(f"decompose.calibration must be >= 0 (0 = off), got {d['calibration']}")
     span = cfg["optim"]["schedule_span"]
     if (len(span) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in span)
             or not 0.0 <= span[0] < span[1] <= 1.0):

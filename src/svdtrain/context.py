@@ -2,6 +2,7 @@
 the data loaders and the process group, built from a run config by `setup`."""
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +60,18 @@ def build_run_model(cfg: dict, data, fresh: bool = True) -> nn.Module:
         # own starting point in SVD form (singular values spread like a Kaiming init's).
         init = "svd" if d["init"] in ("svd", "dense_init") else d["init"]
         decompose(model, mode=d["mode"], init=init if fresh else "random", skip=d["skip"] or None,
-                  input_shape=input_shape(data) if fresh else None)
+                  input_shape=input_shape(data) if fresh else None,
+                  calibration=calibration_batches(cfg, data) if fresh and d["calibration"] else None,
+                  whiten=d["whiten"])
     return model
+
+
+def calibration_batches(cfg: dict, data):
+    """The first decompose.calibration training batches of the run's seed (augmented as in
+    training; the same on every DDP rank), for an activation-aware init."""
+    loader = BatchLoader(data.x_train, data.y_train, cfg["batch_size"], train=True, augment=cfg["augment"],
+                         seed=cfg["seed"], mean=data.mean, std=data.std)
+    return itertools.islice((x for x, _ in loader), cfg["decompose"]["calibration"])
 
 
 @dataclass
