@@ -153,3 +153,26 @@ def test_the_pipeline_whitens_on_its_first_training_batches(tmp_path):
     assert not torch.allclose(plain.conv1.s, model.conv1.s, rtol=1e-2)
     with pytest.raises(ConfigError, match="decompose.init=svd"):
         load_config(None, [f"data_dir={tmp_path}", "decompose.calibration=2"])
+
+
+@pytest.mark.parametrize("whiten", ["cholesky", "diag"])
+def test_orthogonality_is_kept_in_the_activation_metric(whiten):
+    """A whitened V is orthonormal in the input metric: the orthogonality term (V^T C V = I)
+    starts at zero while the plain V^T V = I, computed here, is far from it; the metric travels
+    with the state dict into a fresh decomposition, and is dropped with a plain one."""
+    model = randomize_bn(TinyResNet()).eval()
+    x = torch.randn(16, 3, 16, 16)
+    svd = svdtrain.decompose(copy.deepcopy(model), init="svd", calibration=[x], whiten=whiten)
+    assert svdtrain.orthogonality_loss(svd).item() < 1e-3
+    plain_terms = 0.0
+    for _, layer in svdtrain.svd_layers(svd):
+        u, _, v = (f.detach().double() for f in layer.factors())
+        eye = torch.eye(v.shape[1], dtype=torch.float64)
+        plain_terms += ((v.T @ v - eye).pow(2).sum() + (u.T @ u - eye).pow(2).sum()).item() / v.shape[1] ** 2
+    assert plain_terms > 1.0
+    fresh = svdtrain.decompose(copy.deepcopy(model), init="random")
+    fresh.load_state_dict(svd.state_dict())
+    assert svdtrain.orthogonality_loss(fresh).item() == pytest.approx(svdtrain.orthogonality_loss(svd).item())
+    fresh.load_state_dict(svdtrain.decompose(copy.deepcopy(model), init="svd").state_dict())
+    assert svdtrain.orthogonality_loss(fresh).item() < 1e-3
+    assert not any(name.endswith("metric") for name, _ in fresh.named_buffers())

@@ -78,8 +78,24 @@ class SVDLayer(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.plan.load(state)
 
+    def set_metric(self, factor: torch.Tensor | None) -> None:
+        """The metric of V's orthogonality: with S (lower-triangular cols x cols, or a vector for
+        a diagonal), `orthogonality_loss` penalises (S^T V)^T (S^T V) - I, i.e. V^T C V = I for
+        C = S S^T, instead of V^T V = I. whiten.py sets it to the factor of the layer's input
+        moment (V is orthonormal in that metric after whitening); None: the plain one. Saved
+        in the state dict."""
+        if factor is None:
+            self._buffers.pop("metric", None)
+        else:
+            self.register_buffer("metric", factor.detach().to(self.V.dtype).clone())
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        key = prefix + "metric"  # a whitened layer's metric: made here, filled by the load
+        if key in state_dict and "metric" not in self._buffers:
+            self.register_buffer("metric", torch.empty_like(state_dict[key], device=self.V.device))
+        elif key not in state_dict:
+            self._buffers.pop("metric", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         key = prefix + "_extra_state"

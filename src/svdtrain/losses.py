@@ -18,8 +18,12 @@ def _gram_deviation(f: torch.Tensor) -> torch.Tensor:
 
 
 def layer_orthogonality(layer: SVDLayer) -> torch.Tensor:
-    """(||U^T U - I||_F^2 + ||V^T V - I||_F^2) / r^2 over the active columns."""
+    """(||U^T U - I||_F^2 + ||V^T V - I||_F^2) / r^2 over the active columns; with a metric S
+    (a whitened layer, `SVDLayer.set_metric`) V^T V is (S^T V)^T (S^T V) = V^T C V."""
     u, _, v = layer.factors()
+    metric = layer._buffers.get("metric")
+    if metric is not None:
+        v = metric.T @ v if metric.dim() == 2 else metric[:, None] * v
     r = u.shape[1]
     return (_gram_deviation(u) + _gram_deviation(v)) / (r * r)
 

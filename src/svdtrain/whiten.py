@@ -10,7 +10,9 @@ output error, and its singular values squared are each direction's share of it. 
 
 so the layer still computes W, its `s` is the whitened spectrum (energy share and the
 MACs-budget rule then rank values by output error), and V is orthonormal in the activation
-metric (V^T C V = I), no longer in the plain one. Two choices of S:
+metric (V^T C V = I), no longer in the plain one: the layer keeps S (`set_metric`) and SVD
+training's orthogonality term holds V to V^T C V = I (the plain term would start at hundreds on
+a trained ResNet-20 and pull V back to the plain metric, undoing the whitening). Two choices of S:
 
 - "cholesky" (SVD-LLM): S = L, the lower Cholesky factor of C + eps·mean(diag C)·I with
   eps = DAMPING = 1e-6: the small relative damping keeps rank-deficient moments (fewer samples
@@ -129,6 +131,7 @@ def whiten_layer(layer: SVDLayer, S: torch.Tensor) -> None:
         vh = torch.linalg.solve_triangular(S.to(vh.device), vh, upper=False, left=False)
     for param, value in ((layer.U, u), (layer.s, s), (layer.V, vh.mT)):
         param.copy_(value.to(param.dtype))
+    layer.set_metric(S)  # V^T C V = I: orthogonality is kept in the activation metric
 
 
 def _run(model: nn.Module, batch) -> None:
