@@ -45,9 +45,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import platform
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
@@ -63,9 +61,9 @@ from svdtrain.context import run_dataset
 from svdtrain.train import Run
 
 # benchmarks/ is on sys.path when run as a script
-from compare_report import plot, read_points, stages_table, summary_table
-from compare_settings import (HERE, LEVELS, METHODS, RESULT, SVD_CONFIGS, SVD_METHODS, budget_of, lr_overrides,
-                              method_settings, parse_args, rank_score)
+from compare_report import write_results
+from compare_settings import (HERE, LEVELS, SVD_CONFIGS, budget_of, calibration_overrides, lr_overrides,
+                              method_settings, parse_args, rank_score, record_dir)
 
 CONFIG = HERE.parent / "configs" / "cifar10_resnet20.yaml"
 DENSE_RUN = HERE / "results" / "pretrained_dense"  # the dense model the pretrained regime starts from
@@ -111,9 +109,11 @@ def svd_training_config(args, work: Path, seed: int, level: float) -> dict:
     cfg = compress_config(args, seed, *init, *lr_overrides(args, "svd_training"), f"regularizer.target_macs={level}",
                           f"regularizer.strength={args.strength}", f"regularizer.target_at={args.target_at}",
                           f"prune.gradual={str(args.gradual).lower()}", f"prune.score={rank_score(args, 'svd_training')}",
-                          f"prune.recalibrate={args.recalibrate}", config=SVD_CONFIGS[args.regime])
-    if args.svd_warmup:
-        cfg = load_config(None, dense_warmup(args, work, seed), base=cfg)
+                          f"prune.recalibrate={args.recalibrate}",
+                          *([] if args.svd_warmup else calibration_overrides(args, "svd_training")),
+                          config=SVD_CONFIGS[args.regime])
+    if args.svd_warmup:  # an svd init from the warmed-up dense model
+        cfg = load_config(None, dense_warmup(args, work, seed) + calibration_overrides(args, "svd_training"), base=cfg)
     if args.svd_schedule == "one":  # the whole budget one train stage under one schedule (no restart)
         cfg = load_config(None, [f"epochs.train={cfg['epochs']['train'] + cfg['epochs']['finetune']}",
                                  "epochs.finetune=0"], base=cfg)
@@ -146,13 +146,6 @@ def restore_dense(dense: Path, args) -> None:
     for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
         shutil.copyfile(DENSE_RUN / name, dense / name)
     torch.save(state["model"], dense / "model_state.pt")
-
-
-def record_dir(args) -> Path:
-    """The comparison's committed record beside its result files: one JSON per finished point,
-    the dense models' summaries and the commands. Any machine resumes the seeds and levels
-    still missing from it, and --report-only rebuilds the result files from it alone."""
-    return Path(args.out) / f"{RESULT[args.regime]}_points"
 
 
 def point_file(args, method: str, level: str, seed: int) -> Path:
@@ -280,7 +273,8 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
         cfg = compress_config(args, seed, *lr_overrides(args, method), "decompose.init=svd",
                               f"decompose.dense_checkpoint={dense_state}",
                               "epochs.train=0", f"epochs.finetune={finetune}", f"prune.macs_budget={budget}",
-                              f"prune.score={rank_score(args, method)}", f"prune.recalibrate={args.recalibrate}")
+                              f"prune.score={rank_score(args, method)}", f"prune.recalibrate={args.recalibrate}",
+                              *calibration_overrides(args, method))
         point = pipeline_point(out, cfg)
     else:
         from_dense = not scratch or method == "filter_pruning_l1"
@@ -294,93 +288,12 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
           f"at {point['macs'] / 1e6:.2f}M MACs", flush=True)
 
 
-def load_points(args) -> list[dict]:
-    return read_points(sorted(record_dir(args).glob("*.json")))
-
-
 def record_dense(args, work: Path, seed: int) -> None:
     """Keep the finished dense run's summary in the record (one dense model in the pretrained regime)."""
     name = "dense.json" if args.regime == "pretrained" else f"dense_s{seed}.json"
     summary = dense_dir(args, work, seed) / "summary.json"
     if summary.is_file() and not (record_dir(args) / name).exists():
         shutil.copyfile(summary, record_dir(args) / name)
-
-
-def dense_summaries(args) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(record_dir(args).glob("dense*.json"))]
-
-
-def measured_on(points: list[dict], previous: Path) -> str:
-    """The day the newest point was measured (a report rebuilt later keeps it); points from
-    before points carried a date fall back to the date of the result file they made."""
-    dates = [p["date"] for p in points if p.get("date")]
-    if len(dates) < len(points) and previous.is_file():
-        dates.append(json.loads(previous.read_text()).get("date") or "")
-    return max(dates, default="") or datetime.date.today().isoformat()
-
-
-def rank_allocation(points: list[dict]) -> str:
-    """How the record's SVD-form points chose their ranks (the rule each point's settings name)."""
-    loss = sorted({p["method"] for p in points if p.get("settings", {}).get("rank_score") == "loss"})
-    rest = sorted({p["method"] for p in points if p["method"] in SVD_METHODS} - set(loss))
-    rule = "energy" if not loss else "loss importance" if not rest else f"energy; loss importance for {', '.join(loss)}"
-    return f"prune(macs_budget): per-layer lower convex hull of (MACs, score lost); score: {rule}"
-
-
-def write_results(args) -> None:
-    points, denses = load_points(args), dense_summaries(args)
-    if not points:  # never replace results by an empty table
-        raise SystemExit(f"no finished points in {record_dir(args)}; nothing written")
-    if not denses:  # the tables compare against the dense model
-        message = (f"{len(points)} points in {record_dir(args)}, but no dense model yet: result files not written "
-                   "(a run with --methods posthoc_svd or filter_pruning_l1 trains it)")
-        if args.report_only:
-            raise SystemExit(message)
-        print(message)
-        return
-    name = RESULT[args.regime]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    mean = lambda xs: statistics.mean(xs)  # noqa: E731
-    dense = {"accuracy": mean(d["accuracy"] for d in denses), "macs": denses[0]["macs"], "n": len(denses),
-             "val_accuracy": mean(d.get("val_accuracy") or 0.0 for d in denses),
-             "epochs": args.dense_epochs if args.regime == "pretrained" else args.train_epochs,
-             "command": "python benchmarks/compare.py (its dense stage): svdtrain run configs/cifar10_resnet20.yaml "
-                        f"decompose.enabled=false epochs.train=<epochs> val_size={args.val_size} seed=<seed>"}
-    e_c = args.compress_epochs if args.regime == "pretrained" else args.train_epochs
-    previous = out / f"{name}.json"
-    result = {
-        "regime": args.regime,
-        "budget": {"model": "resnet20",
-                   "dataset": f"CIFAR-10 ({50000 - args.val_size} train / {args.val_size} validation / 10k test)",
-                   "compress_epochs": e_c, "finetune_epochs": args.finetune_epochs, "batch_size": 128,
-                   "optimizer": "SGD nesterov 0.9, wd 5e-4 (not on s)",
-                   "schedule": (f"cosine from {args.lr} (E_c)" if args.regime == "pretrained" else
-                                "one-cycle peak 0.2 (E)") + f", cosine from {args.finetune_lr} (E_f)",
-                   "augmentation": "pad-4 random crop + horizontal flip", "label_smoothing": 0.1,
-                   "rank_allocation": rank_allocation(points)},
-        "dense": dense,
-        "points": [{k: p.get(k) for k in ("method", "level", "seed", "macs", "accuracy", "val_accuracy",
-                                          "accuracy_trained", "accuracy_before_finetune", "macs_at_threshold_trained",
-                                          "params", "settings", "date",
-                                          "budget_warning", "seconds")} for p in points],
-        "machine": (torch.cuda.get_device_name() if args.device == "cuda" else
-                    f"{platform.machine()}, {args.threads} CPU threads") + f", torch {torch.__version__}",
-        "date": measured_on(points, previous),
-        "commands": commands.read_text().splitlines() if (commands := record_dir(args) / "commands.txt").exists() else [],
-    }
-    if args.regime == "scratch" and previous.is_file():  # the fixed-strength comparison before this one
-        old = json.loads(previous.read_text())
-        earlier = old.get("earlier") if "regime" in old else {k: old.get(k) for k in ("budget", "dense", "points", "date")}
-        if earlier:
-            result["earlier"] = earlier
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = summary_table(points, dense, args.regime, LEVELS, METHODS)
-    if any(p["method"] == "svd_training" for p in points):
-        table += ["", "SVD training through its stages (test top-1, %):", "", *stages_table(points)]
-    (out / f"{name}.md").write_text("\n".join(table) + "\n")
-    plot(points, dense, out / f"{name}.png", LEVELS, METHODS)
-    print("\n".join(table))
 
 
 def main(argv=None):

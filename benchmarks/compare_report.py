@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import statistics
 from pathlib import Path
+
+import torch
+
+from compare_settings import LEVELS, METHODS, RESULT, SVD_METHODS, record_dir
 
 
 def read_points(files) -> list[dict]:
@@ -86,6 +92,87 @@ def plot(points: list[dict], dense: dict, path: Path, levels, methods) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def load_points(args) -> list[dict]:
+    return read_points(sorted(record_dir(args).glob("*.json")))
+
+
+def dense_summaries(args) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(record_dir(args).glob("dense*.json"))]
+
+
+def measured_on(points: list[dict], previous: Path) -> str:
+    """The day the newest point was measured (a report rebuilt later keeps it); points from
+    before points carried a date fall back to the date of the result file they made."""
+    dates = [p["date"] for p in points if p.get("date")]
+    if len(dates) < len(points) and previous.is_file():
+        dates.append(json.loads(previous.read_text()).get("date") or "")
+    return max(dates, default="") or datetime.date.today().isoformat()
+
+
+def rank_allocation(points: list[dict]) -> str:
+    """How the record's SVD-form points chose their ranks (the rule each point's settings name)."""
+    loss = sorted({p["method"] for p in points if p.get("settings", {}).get("rank_score") == "loss"})
+    rest = sorted({p["method"] for p in points if p["method"] in SVD_METHODS} - set(loss))
+    rule = "energy" if not loss else "loss importance" if not rest else f"energy; loss importance for {', '.join(loss)}"
+    return f"prune(macs_budget): per-layer lower convex hull of (MACs, score lost); score: {rule}"
+
+
+def write_results(args) -> None:
+    points, denses = load_points(args), dense_summaries(args)
+    if not points:  # never replace results by an empty table
+        raise SystemExit(f"no finished points in {record_dir(args)}; nothing written")
+    if not denses:  # the tables compare against the dense model
+        message = (f"{len(points)} points in {record_dir(args)}, but no dense model yet: result files not written "
+                   "(a run with --methods posthoc_svd or filter_pruning_l1 trains it)")
+        if args.report_only:
+            raise SystemExit(message)
+        print(message)
+        return
+    name = RESULT[args.regime]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mean = lambda xs: statistics.mean(xs)  # noqa: E731
+    dense = {"accuracy": mean(d["accuracy"] for d in denses), "macs": denses[0]["macs"], "n": len(denses),
+             "val_accuracy": mean(d.get("val_accuracy") or 0.0 for d in denses),
+             "epochs": args.dense_epochs if args.regime == "pretrained" else args.train_epochs,
+             "command": "python benchmarks/compare.py (its dense stage): svdtrain run configs/cifar10_resnet20.yaml "
+                        f"decompose.enabled=false epochs.train=<epochs> val_size={args.val_size} seed=<seed>"}
+    e_c = args.compress_epochs if args.regime == "pretrained" else args.train_epochs
+    previous = out / f"{name}.json"
+    result = {
+        "regime": args.regime,
+        "budget": {"model": "resnet20",
+                   "dataset": f"CIFAR-10 ({50000 - args.val_size} train / {args.val_size} validation / 10k test)",
+                   "compress_epochs": e_c, "finetune_epochs": args.finetune_epochs, "batch_size": 128,
+                   "optimizer": "SGD nesterov 0.9, wd 5e-4 (not on s)",
+                   "schedule": (f"cosine from {args.lr} (E_c)" if args.regime == "pretrained" else
+                                "one-cycle peak 0.2 (E)") + f", cosine from {args.finetune_lr} (E_f)",
+                   "augmentation": "pad-4 random crop + horizontal flip", "label_smoothing": 0.1,
+                   "rank_allocation": rank_allocation(points)},
+        "dense": dense,
+        "points": [{k: p.get(k) for k in ("method", "level", "seed", "macs", "accuracy", "val_accuracy",
+                                          "accuracy_trained", "accuracy_before_finetune", "macs_at_threshold_trained",
+                                          "params", "settings", "date",
+                                          "budget_warning", "seconds")} for p in points],
+        "machine": (torch.cuda.get_device_name() if args.device == "cuda" else
+                    f"{platform.machine()}, {args.threads} CPU threads") + f", torch {torch.__version__}",
+        "date": measured_on(points, previous),
+        "commands": commands.read_text().splitlines() if (commands := record_dir(args) / "commands.txt").exists() else [],
+    }
+    if args.regime == "scratch" and previous.is_file():  # the fixed-strength comparison before this one
+        old = json.loads(previous.read_text())
+        earlier = old.get("earlier") if "regime" in old else {k: old.get(k) for k in ("budget", "dense", "points", "date")}
+        if earlier:
+            result["earlier"] = earlier
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = summary_table(points, dense, args.regime, LEVELS, METHODS)
+    if any(p["method"] == "svd_training" for p in points):
+        table += ["", "SVD training through its stages (test top-1, %):", "", *stages_table(points)]
+    (out / f"{name}.md").write_text("\n".join(table) + "\n")
+    plot(points, dense, out / f"{name}.png", LEVELS, METHODS)
+    print("\n".join(table))
 
 
 def main(argv=None):

@@ -22,6 +22,13 @@ SVD_METHODS = ("svd_training", "posthoc_svd", "trp")  # the ones that cut singul
 RESULT = {"pretrained": "compress_pretrained", "scratch": "compare_cifar10"}
 
 
+def record_dir(args) -> Path:
+    """The comparison's committed record beside its result files: one JSON per finished point,
+    the dense models' summaries and the commands. Any machine resumes the seeds and levels
+    still missing from it, and --report-only rebuilds the result files from it alone."""
+    return Path(args.out) / f"{RESULT[args.regime]}_points"
+
+
 def per_method(pairs: list[str], flag: str, parse, methods=METHODS) -> dict:
     """METHOD=VALUE pairs as {method: parse(VALUE)}; a malformed pair (parse gives None) is a
     one-line error."""
@@ -70,7 +77,22 @@ def method_settings(args, method: str) -> dict:
         own["lr"] = args.method_lr[method]
     if method in ("svd_training", "posthoc_svd") and args.recalibrate:
         own["recalibrate"] = args.recalibrate
+    if method in whitened(args):
+        own.update(calibration=args.calibration, whiten=args.whiten)
     return own
+
+
+def whitened(args) -> tuple[str, ...]:
+    """The methods whose SVD start is activation-aware (--calibration): those that decompose a
+    trained model (from scratch SVD training starts from its own init, unless warmed up)."""
+    if not args.calibration:
+        return ()
+    return ("svd_training", "posthoc_svd") if args.regime == "pretrained" or args.svd_warmup else ("posthoc_svd",)
+
+
+def calibration_overrides(args, method: str) -> list[str]:
+    return [f"decompose.calibration={args.calibration}", f"decompose.whiten={args.whiten}"] \
+        if method in whitened(args) else []
 
 
 def budget_of(args) -> dict:
@@ -142,6 +164,11 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     p.add_argument("--recalibrate", type=int, default=0,
                    help="svd_training, posthoc_svd: re-estimate BatchNorm statistics on this many training "
                         "batches after the cut (prune.recalibrate)")
+    p.add_argument("--calibration", type=int, default=0, metavar="N",
+                   help="svd_training and posthoc_svd from a trained model: an activation-aware SVD start, "
+                        "whitened on N training batches (decompose.calibration)")
+    p.add_argument("--whiten", choices=("cholesky", "diag"), default="cholesky",
+                   help="with --calibration: SVD-LLM's Cholesky whitening or ASVD's diagonal scaling")
     p.add_argument("--rank-score", choices=("energy", "loss"), default="energy",
                    help="svd_training, posthoc_svd and trp: rank singular values by energy share or loss importance")
     p.add_argument("--method-rank-score", nargs="+", default=[], metavar="METHOD=RULE",

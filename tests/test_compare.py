@@ -115,6 +115,9 @@ def test_svd_training_points_run_the_shipped_config(regime, tmp_path, monkeypatc
     assert point["regularizer.target_macs"] == 0.25 and point["seed"] == 2
     keys, point = differences("--target-at", "0.7", "--no-gradual")
     assert keys - compare_settings.POINT_KEYS == {"regularizer.target_at", "prune.gradual"}
+    # an activation-aware start whitens the SVD of a trained model; from scratch there is none
+    keys, point = differences("--calibration", "4")
+    assert keys - compare_settings.POINT_KEYS == ({"decompose.calibration"} if regime == "pretrained" else set())
 
 
 def test_scratch_svd_training_alone_needs_no_dense_model(tmp_path):
