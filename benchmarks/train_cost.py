@@ -4,6 +4,8 @@ Methods (same model, batch, optimizer; repetitions alternate so drift hits all a
   dense               plain model, cross-entropy, SGD step
   svd_training        svdtrain's forward path (auto: rebuild W and run one dense op at
                       high rank), + orthogonality + Hoyer loss
+  svd_form / svd_orth  SVD form with no regularizer / with the orthogonality term only
+  <svd method>+probesK the orthogonality term estimated with K random probes (orth_probes)
   reference_two_conv  the reference code's path: two convolutions per layer at full rank
   trp                 TRP: dense steps + nuclear-norm subgradient, and every m steps an
                       SVD truncation of every weight (its cost averaged over m steps)
@@ -11,6 +13,8 @@ Methods (same model, batch, optimizer; repetitions alternate so drift hits all a
                       torch.compile (inductor; compile time falls in the warm-up steps)
 
     python benchmarks/train_cost.py --models resnet20 resnet56 --batch 128 --reps 20
+    python benchmarks/train_cost.py --models llama_4x384 --batch 8 --methods dense svd_form svd_training \
+        svd_training+probes8 --out benchmarks/results/train_cost_decoder.json   # AdamW, 8 x 256 tokens
 """
 from __future__ import annotations
 
@@ -29,12 +33,26 @@ import svdtrain
 from svdtrain.models import build_model
 
 
+DECODER = "llama_4x384"  # a Llama-style decoder from a transformers config: 4 layers, width 384
+
+
+def build_decoder() -> torch.nn.Module:
+    import transformers as T  # pip install svdtrain[hf]
+    cfg = T.LlamaConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
+                        num_key_value_heads=6, vocab_size=8192, max_position_embeddings=512)
+    return T.LlamaForCausalLM(cfg)
+
+
 def make_step(model, extra_loss=None, after_backward=None, after_step=None, compile=False):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    decoder = not isinstance(model, torch.nn.Sequential) and hasattr(model, "config")
+    if decoder:  # transformers' usual optimizer
+        opt = torch.optim.AdamW(svdtrain.param_groups(model, 0.01), lr=3e-4)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     count = [0]
 
     def loss_of(x, y):
-        loss = F.cross_entropy(model(x), y)
+        loss = model(input_ids=x, labels=y).loss if decoder else F.cross_entropy(model(x), y)
         return loss + extra_loss(model) if extra_loss is not None else loss
     loss_fn = torch.compile(loss_of) if compile else loss_of
 
@@ -55,20 +73,24 @@ def build_steps(name: str, methods: list[str], trp_every: int):
     """One training step per method, each on its own copy of one initial model; returns
     ({method: step(x, y)}, {method: its model})."""
     steps, models = {}, {}
-    base = build_model(name, num_classes=10)
+    build = build_decoder if name == DECODER else (lambda: build_model(name, num_classes=10))
+    base = build()
     for method in methods:
-        model = models[method] = build_model(name, num_classes=10)
+        model = models[method] = build()
         model.load_state_dict(base.state_dict())
         model.train()
         kind, compiled = method.removesuffix("+compile"), method.endswith("+compile")
+        kind, _, probes = kind.partition("+probes")
         if kind == "dense":
             steps[method] = make_step(model, compile=compiled)
-        elif kind in ("svd_training", "reference_two_conv"):
-            svdtrain.decompose(model, init="random")
+        elif kind in ("svd_form", "svd_orth", "svd_training", "reference_two_conv"):
+            svdtrain.decompose(model, init="random" if name != DECODER else "svd")
             if kind == "reference_two_conv":
                 for _, layer in svdtrain.svd_layers(model):
                     layer.forward_path = "factored"
-            reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.01)
+            reg = svdtrain.Regularizer(orth=0.0 if kind == "svd_form" else 1.0,
+                                       sparsity=None if kind != "svd_training" else "hoyer",
+                                       strength=0.01, orth_probes=int(probes or 0))
             steps[method] = make_step(model, reg, compile=compiled)
         elif method == "trp":
             from baselines import TRP  # benchmarks/ is on sys.path when run as a script
@@ -79,10 +101,12 @@ def build_steps(name: str, methods: list[str], trp_every: int):
     return steps, models
 
 
-def measure(name, methods, batch, reps, warmup, trp_every):
+def measure(name, methods, batch, reps, warmup, trp_every, tokens=256):
     steps, _ = build_steps(name, methods, trp_every)
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, 10, (batch,))
+    if name == DECODER:
+        x = y = torch.randint(0, 8192, (batch, tokens))
+    else:
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     times = {m: [] for m in methods}
     for i in range(warmup + reps):
         for m in methods:  # alternate methods within each repetition

@@ -42,6 +42,38 @@ def test_orthogonality_counts_active_columns_only():
     assert svdtrain.orthogonality_loss(model).item() < 1e-8
 
 
+def test_probed_orthogonality_is_an_unbiased_cheaper_estimate():
+    """orth_probes=k: the mean over many draws of the estimate and of its gradient equal the exact
+    term's (numpy above) within their sampling error, and a draw costs a fraction of the exact
+    term's FLOPs (PyTorch's own counter) on a wide layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(40, 30), nn.Conv2d(4, 12, 3)), init="random")
+    params = [p for _, m in svdtrain.svd_layers(model) for p in (m.U, m.V)]
+    exact = svdtrain.orthogonality_loss(model)
+    want = sum(_orth_numpy(m.U.detach().double().numpy(), m.V.detach().double().numpy()) for m in model)
+    assert exact.item() == pytest.approx(want, rel=1e-4)
+    grad = torch.autograd.grad(exact, params)
+    draws = 3000
+    values, grads = [], [torch.zeros_like(g) for g in grad]
+    for _ in range(draws):
+        est = svdtrain.orthogonality_loss(model, probes=2)
+        values.append(est.item())
+        for acc, g in zip(grads, torch.autograd.grad(est, params)):
+            acc += g / draws
+    mean, sem = np.mean(values), np.std(values) / math.sqrt(draws)
+    assert abs(mean - want) < 4 * sem and sem < 0.05 * want
+    for acc, g in zip(grads, grad):
+        assert torch.linalg.norm(acc - g) < 0.1 * torch.linalg.norm(g)
+    wide = svdtrain.decompose(nn.Sequential(nn.Linear(512, 512)), init="random")
+    flops = []
+    for probes in (0, 8):
+        with FlopCounterMode(display=False) as counter:
+            svdtrain.orthogonality_loss(wide, probes=probes).backward()
+        flops.append(counter.get_total_flops())
+    assert flops[1] < 0.1 * flops[0]
+
+
 def test_sparsity_values_on_known_s():
     model = svdtrain.decompose(nn.Sequential(nn.Linear(4, 4), nn.Linear(3, 3)))
     with torch.no_grad():

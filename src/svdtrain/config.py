@@ -29,7 +29,10 @@ DEFAULTS: dict = {
     # target_macs > 0: the sparsity strength is steered (from `strength`) so that the MACs
     # pruning would keep reach this fraction of dense at target_at of the train stage
     # (svdtrain/budget.py), and prune cuts to it (unless prune.macs_budget is set).
-    "regularizer": {"orth": 1.0, "sparsity": "hoyer", "strength": 0.005, "target_macs": 0.0, "target_at": 0.5},
+    # orth_probes > 0: the orthogonality term's Grams estimated with that many random probes
+    # (unbiased; for wide transformer layers, losses.py).
+    "regularizer": {"orth": 1.0, "sparsity": "hoyer", "strength": 0.005, "target_macs": 0.0, "target_at": 0.5,
+                    "orth_probes": 0},
     # macs_budget > 0 replaces keep_energy. gradual (with regularizer.target_macs): mask values
     # along the budget schedule during the train stage instead of all at once afterwards.
     # score (under a MACs budget): rank values by energy share, or by loss importance
@@ -195,6 +198,8 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"prune.score_batches must be >= 1, got {p['score_batches']}")
     if not 0.0 <= r["target_macs"] <= 1.0 or not 0.0 < r["target_at"] <= 1.0:
         raise ConfigError("regularizer.target_macs must be in [0, 1] (0 = off) and regularizer.target_at in (0, 1]")
+    if r["orth_probes"] < 0:
+        raise ConfigError(f"regularizer.orth_probes must be >= 0 (0 = the exact term), got {r['orth_probes']}")
     if r["sparsity"] != "none" and r["strength"] <= 0:
         raise ConfigError("regularizer.strength must be > 0 with a sparsity term (regularizer.sparsity=none turns it off)")
     if cfg["prune"]["gradual"] and not r["target_macs"]:

@@ -75,7 +75,8 @@ def _train(ctx: RunContext, stage: str) -> None:
     module = ctx.training_module()
     sparsity, strength = _sparsity(cfg, stage)
     reg = Regularizer(orth=cfg["regularizer"]["orth"] if ctx.is_svd else 0.0,
-                      sparsity=sparsity if ctx.is_svd else None, strength=strength)
+                      sparsity=sparsity if ctx.is_svd else None, strength=strength,
+                      orth_probes=cfg["regularizer"]["orth_probes"])
     steps = epochs * len(ctx.train_loader)
     opt, sched = make_optimizer(ctx.model, cfg, stage, steps)
     budget = _budget(ctx, reg, opt, steps) if sparsity and ctx.is_svd else None
