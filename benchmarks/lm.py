@@ -153,8 +153,15 @@ def decompose(dense, method: str, calib, ids):
     """A copy of `dense` with its decomposable layers in SVD form, as `method` starts (exact)."""
     model = copy.deepcopy(dense)
     names = {n for n, _ in D.decomposable(model)}
-    kw = {} if WHITEN[method] is None else {"calibration": calib, "whiten": WHITEN[method]}
-    return svdtrain.decompose(model, init="svd", skip=lambda n, m: n not in names, example_inputs=ids, **kw)
+    if WHITEN[method] is None:
+        return svdtrain.decompose(model, init="svd", skip=lambda n, m: n not in names, example_inputs=ids)
+    # Calibrated in float64: whiten.py sums x^T x in the inputs' dtype, and in float32 its rounding
+    # (~1e-5 relative over 65k rows) exceeds the Cholesky damping (1e-6) where the inputs are rank-
+    # deficient, as the first layer's are here (<= ~100 distinct bytes in 384 dims): Cholesky fails.
+    dtype = next(model.parameters()).dtype
+    svdtrain.decompose(model.double(), init="svd", skip=lambda n, m: n not in names, example_inputs=ids,
+                       calibration=calib, whiten=WHITEN[method])
+    return model.to(dtype)
 
 
 def start_gap(dense, method: str, calib, windows, ids, batch: int = 32) -> float:
@@ -213,9 +220,12 @@ def pat(dense, level: float, args, data, ids):
                 g["prox_type"] = "MinRankConstraint"
     finetune(model, opt, args, data, after_step=after, stage="torchao_pat")
     svd = decompose(model, "svd", None, ids)
+    # What the rank cut below drops: PAT's last prox step left those values at zero (float error).
+    dropped = max(float(layer.s.detach().double().pow(2)[keep[n]:].sum() / layer.s.detach().double().pow(2).sum())
+                  for n, layer in svdtrain.svd_layers(svd))
     svdtrain.set_ranks(svd, keep)
     return svd, {"prox": "ProxNuclearNorm, then MinRankConstraint (healing)", "heal_at": heal,
-                 "reg_lambda": args.pat_lambda}
+                 "reg_lambda": args.pat_lambda, "energy_dropped_at_export": dropped}
 
 
 def finetune(model, opt, args, data, stage, extra_loss=None, after_step=None):

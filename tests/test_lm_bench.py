@@ -65,6 +65,8 @@ def test_every_point_at_its_level(run):
         assert p["macs_ratio"] <= p["macs_budget"] + 1e-9 and p["macs_ratio"] > p["params_ratio"], p
         assert p["test_bpb"] == pytest.approx(math.log(p["test_ppl"]) / math.log(2), rel=1e-12)
         assert 1.0 < p["test_ppl"] < 256.0
+        if p["method"] == "torchao_pat":  # PAT held the rank: the export's cut drops nothing
+            assert p["energy_dropped_at_export"] < 1e-9
     assert r["dense"]["bpb"] == pytest.approx(math.log(r["dense"]["test_ppl"]) / math.log(2), rel=1e-12)
     for m in ("svd", "svdllm"):  # fine-tuning helps a cut this small model
         cut, tuned = (next(p for p in r["points"] if (p["method"], p["level"], p["finetune_steps"]) == (m, 0.4, s))
