@@ -14,7 +14,11 @@ post-hoc one, which starts from the dense model:
     python benchmarks/paper_length.py --run svd_training --threads 1
     python benchmarks/paper_length.py --run posthoc_svd --threads 1   # after dense
     python benchmarks/paper_length.py --report-only
+    python benchmarks/paper_length.py --save-progress   # before a machine goes away
 Result: results/paper_length.json (+ .md): every finished run's summary; the test set only reports.
+A run takes several sessions of a 2-core CPU: --save-progress copies each run's checkpoint and
+metrics to results/paper_length_progress/<run>/ (committed), and --run restores from there when
+its work directory has none, so another machine goes on where the last one stopped.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +38,30 @@ from svdtrain.train import Run
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "cifar10_resnet20_full.yaml"
 METHODS = ("dense", "svd_training", "posthoc_svd")
+PROGRESS = HERE / "results" / "paper_length_progress"
+KEPT = ("checkpoint.pt", "metrics.jsonl", "summary.json")  # what a run resumes from and reports
+
+
+def save_progress(work: Path) -> None:
+    for method in METHODS:
+        run = work / method
+        if (run / "checkpoint.pt").is_file():
+            (PROGRESS / method).mkdir(parents=True, exist_ok=True)
+            for name in KEPT:
+                if (run / name).is_file():
+                    shutil.copyfile(run / name, PROGRESS / method / name)
+            print(f"saved {run} -> {PROGRESS / method}")
+
+
+def restore_progress(run: Path) -> None:
+    saved = PROGRESS / run.name
+    if (run / "checkpoint.pt").exists() or not (saved / "checkpoint.pt").is_file():
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    for name in KEPT:
+        if (saved / name).is_file():
+            shutil.copyfile(saved / name, run / name)
+    print(f"restored {run} from {saved}")
 # Published full-length anchors, ResNet-20 on CIFAR-10 (../shared/docs/METHOD.md): FLOPs reduction, top-1.
 ANCHORS = [
     ("TRP, channel (its authors' README)", "2.17x", "91.74 -> 90.50"),
@@ -110,8 +139,13 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--save-progress", action="store_true", help="copy every run's checkpoint to " + str(PROGRESS))
     args = p.parse_args(argv)
+    if args.save_progress:
+        save_progress(Path(args.work))
+        return
     if args.run and not args.report_only:
+        restore_progress(Path(args.work) / args.run)
         if args.run == "posthoc_svd" and not (Path(args.work) / "dense" / "summary.json").is_file():
             raise SystemExit("posthoc_svd starts from the finished dense run: run --run dense first")
         torch.set_num_threads(args.threads)
