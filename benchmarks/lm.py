@@ -10,12 +10,18 @@ method); the two training methods have only the fine-tuned point. Tune on val, r
 
     python benchmarks/lm.py                      # dense (checkpointed; rerun resumes), then every point
     python benchmarks/lm.py --report-only        # rebuild lm_pycode.md from lm_pycode.json
+    (torchao_pat needs `pip install torchao`; without it the point records why it was skipped)
+
+Cost measured at 1 thread on a 2-core x86 CPU busy with other runs (defaults): dense step 9.2 s
+(3000 steps: ~7.7 h), val + test evaluation ~9 min per model, a calibrated decomposition ~100 s,
+a fine-tune step 4.0 s (a cut SVD form), ~5 s (SVD training), ~6.5 s (PAT: an SVD per matrix per
+step); ~3 h per level for the five methods: ~14 h in all (--max-eval-windows 1000 halves evaluation).
 
 Budget: prune(macs_budget=b) cuts whole-model MACs; b is set so that the decomposable layers' MACs
 (= their parameters per token) land at the level, and each point records params_ratio (deployed
 parameters of the decomposable layers / dense, by the layers' plans, as export ships them) and
 macs_ratio (whole-model MACs / dense, lm_head and attention products included). Points already in
-the JSON are skipped; a changed setting is refused.
+the JSON are skipped (a point recorded as skipped is tried again); a changed setting is refused.
 """
 from __future__ import annotations
 
@@ -238,6 +244,7 @@ def finetune(model, opt, args, data, stage, extra_loss=None, after_step=None):
 def run_method(method, level, dense, args, data, calib, ids, dense_macs, dense_params, wanted):
     """Yield the method's points at `level` that are in `wanted` (finetune_steps values)."""
     b, t0 = budget(dense, level, ids), time.time()
+    torch.manual_seed(args.seed)  # the orthogonality term's probes: a point does not depend on what ran before
     extra = {}
     if method == "torchao_pat":
         if args.finetune_steps < 2:
@@ -370,7 +377,7 @@ def main(argv=None):
                    "date": datetime.date.today().isoformat(),
                    "command": "python benchmarks/lm.py " + " ".join(sys.argv[1:] if argv is None else argv)})
     write(result, out)
-    have = {(p["method"], p["level"], p["finetune_steps"]) for p in result["points"]}
+    have = {(p["method"], p["level"], p["finetune_steps"]) for p in result["points"] if "skipped" not in p}
     for level in (lv / 100 for lv in args.levels):
         for method in args.methods:
             steps = [args.finetune_steps] if method in TRAINING else [0, args.finetune_steps]
@@ -380,6 +387,8 @@ def main(argv=None):
             for p in run_method(method, level, dense, args, data, calib, ids, dense_macs, dense_params, wanted):
                 p = {"method": method, "level": level, "finetune_steps": p.get("finetune_steps", wanted[-1]),
                      "seed": args.seed, **p}
+                key = (method, level, p["finetune_steps"])  # a point skipped before is tried again
+                result["points"] = [q for q in result["points"] if (q["method"], q["level"], q["finetune_steps"]) != key]
                 result["points"].append(p)
                 write(result, out)
                 print(json.dumps(p), flush=True)

@@ -31,6 +31,10 @@ def source(files: int, seed: int) -> str:
     return "".join(out)
 
 
+def figures(points) -> set:
+    return {json.dumps({k: v for k, v in p.items() if k != "seconds"}, sort_keys=True) for p in points}
+
+
 def pat_runs() -> bool:
     try:
         import torchao.prototype.pat  # noqa: F401
@@ -98,6 +102,13 @@ def test_rerun_skips_points_and_report_only(run):
     lm.main(argv)  # every point present: nothing recomputed
     after = json.loads((d / "r.json").read_text())
     assert after["points"] == before["points"] and after["dense"] == before["dense"]
+    skipped = [p for p in before["points"] if p["method"] != "svd_training" or p["level"] != 0.4] + [
+        {"method": "svd_training", "level": 0.4, "finetune_steps": 10, "seed": 0, "skipped": "a reason"}]
+    (d / "r.json").write_text(json.dumps({**before, "points": skipped}))
+    lm.main(argv)  # a skipped point is tried again and replaced
+    again = json.loads((d / "r.json").read_text())["points"]
+    assert len(again) == len(before["points"]) and not any("skipped" in p for p in again)
+    assert figures(again) == figures(before["points"])  # the same figures as in one run
     (d / "r.md").unlink()
     lm.main(argv + ["--report-only"])
     assert "| svd | 40% | 0 |" in (d / "r.md").read_text()
