@@ -161,13 +161,8 @@ def decompose(dense, method: str, calib, ids):
     names = {n for n, _ in D.decomposable(model)}
     if WHITEN[method] is None:
         return svdtrain.decompose(model, init="svd", skip=lambda n, m: n not in names, example_inputs=ids)
-    # Calibrated in float64: whiten.py sums x^T x in the inputs' dtype, and in float32 its rounding
-    # (~1e-5 relative over 65k rows) exceeds the Cholesky damping (1e-6) where the inputs are rank-
-    # deficient, as the first layer's are here (<= ~100 distinct bytes in 384 dims): Cholesky fails.
-    dtype = next(model.parameters()).dtype
-    svdtrain.decompose(model.double(), init="svd", skip=lambda n, m: n not in names, example_inputs=ids,
-                       calibration=calib, whiten=WHITEN[method])
-    return model.to(dtype)
+    return svdtrain.decompose(model, init="svd", skip=lambda n, m: n not in names, example_inputs=ids,
+                              calibration=calib, whiten=WHITEN[method])
 
 
 def start_gap(dense, method: str, calib, windows, ids, batch: int = 32) -> float:
@@ -292,7 +287,7 @@ def write(result: dict, out: Path) -> None:
 
 def report(r: dict) -> str:
     d = r["dense"]
-    lines = [f"# Byte-level LM on pycode: compression of the decoder's Linear layers", "",
+    lines = ["# Byte-level LM on pycode: compression of the decoder's Linear layers", "",
              f"{r['machine']}, torch {r['torch']}, transformers {r['transformers']}, {r['date']}. "
              f"`{r['command']}`", "",
              f"Dense: {d['params']:,} parameters ({d['decomposable_params']:,} decomposable), {d['steps']} steps: "

@@ -176,3 +176,15 @@ def test_orthogonality_is_kept_in_the_activation_metric(whiten):
     fresh.load_state_dict(svdtrain.decompose(copy.deepcopy(model), init="svd").state_dict())
     assert svdtrain.orthogonality_loss(fresh).item() < 1e-3
     assert not any(name.endswith("metric") for name, _ in fresh.named_buffers())
+
+
+def test_a_rank_deficient_input_moment_still_factors():
+    """Inputs spanning few directions of a wide layer (an embedding of a small vocabulary feeding
+    q/k/v): the moment is rank-deficient; the factor still exists and the layer stays exact."""
+    torch.manual_seed(0)
+    emb = torch.randn(12, 64) * 30  # 12 distinct input rows in 64 dimensions, large scale
+    model = nn.Sequential(nn.Linear(64, 48))
+    batches = [emb[torch.randint(0, 12, (4096,))] for _ in range(16)]
+    svd = svdtrain.decompose(copy.deepcopy(model), init="svd", calibration=batches)
+    with torch.no_grad():
+        assert torch.allclose(svd(emb), model(emb), atol=1e-3)

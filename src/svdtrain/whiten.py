@@ -76,7 +76,7 @@ class Moment:
         self.total = None
 
     def add(self, x: torch.Tensor) -> None:
-        rows = input_rows(self.layer, x.detach())
+        rows = input_rows(self.layer, x.detach()).double()  # float32 products err by more than the damping
         part = rows.T @ rows if self.whiten == "cholesky" else rows.abs().sum(0)
         self.total = part.double() if self.total is None else self.total + part.double()
         self.rows += rows.shape[0]
@@ -87,8 +87,14 @@ class Moment:
         if self.whiten == "diag":
             d = mean.pow(ALPHA)
             return d.clamp_min(DAMPING * float(d.mean()))
+        eye = torch.eye(mean.shape[0], dtype=mean.dtype, device=mean.device)
         damping = DAMPING * float(mean.diagonal().mean())
-        return torch.linalg.cholesky(mean + damping * torch.eye(mean.shape[0], dtype=mean.dtype, device=mean.device))
+        for _ in range(6):  # a rank-deficient moment may need more damping than DAMPING: x10 at a time
+            factor, info = torch.linalg.cholesky_ex(mean + damping * eye)
+            if int(info) == 0:
+                return factor
+            damping *= 10
+        return torch.linalg.cholesky(mean + damping * eye)  # still not positive definite: its error
 
 
 def input_rows(layer: SVDLayer, x: torch.Tensor) -> torch.Tensor:
