@@ -6,8 +6,9 @@ Models nobody here wrote, built from their published configurations with random 
 BERT-base at sequence 128, a Llama-style decoder of about 100M parameters (prefill of 512
 tokens; one-token decode with a KV cache of 512), ResNet-50 at 224. Compact models:
 `decompose(init="svd")`, `prune(macs_budget=level)`, `export()`. Backends: eager PyTorch (the
-dense model on its own fused paths) and ONNX Runtime (`export_onnx` of each; outputs checked
-against PyTorch). Dense and compact are timed in one process, interleaved: per repetition one
+dense model on its own fused paths), `torch.compile` (inductor, each model compiled in its warm-up
+run; `--backends inductor`) and ONNX Runtime (`export_onnx` of each; outputs checked against
+PyTorch). Dense and compact are timed in one process, interleaved: per repetition one
 run of each, after a warm-up; the median decides. MACs ratios are svdtrain's counts of the
 timed model (equal to PyTorch's FLOP counter's on these models; tests/test_hf.py).
 
@@ -98,6 +99,12 @@ def interleaved(fns: dict, reps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def compiled(model, backend: str):
+    """The model as the backend runs it: eager as is, inductor through torch.compile (compiled on
+    its first call, the warm-up of `interleaved`)."""
+    return torch.compile(model) if backend == "inductor" else model
+
+
 def ort_session(module, inputs, path):
     import onnxruntime as ort
     svdtrain.export_onnx(module, inputs, path)
@@ -111,7 +118,8 @@ def ort_session(module, inputs, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["vit_b16", "bert_base", "llama_100m", "resnet50"])
-    p.add_argument("--backends", nargs="+", default=["eager", "onnxruntime"])
+    p.add_argument("--backends", nargs="+", default=["eager", "onnxruntime"],
+                   choices=("eager", "inductor", "onnxruntime"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=str(HERE / "results" / "deploy_real.json"))
@@ -125,7 +133,7 @@ def main(argv=None):
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {"points": []}
     done = {(q["model"], q["backend"], q["batch"], q["phase"]) for q in result["points"]}
-    batches = {"vit_b16": [1, 8], "bert_base": [1, 8], "llama_100m": [1], "resnet50": [1, 8, 32]}
+    batches = {"vit_b16": [1, 8], "bert_base": [1, 8], "llama_100m": [1, 8], "resnet50": [1, 8, 32]}
     for name in args.models:
         torch.manual_seed(0)
         dense, make_inputs = build(name)
@@ -151,8 +159,8 @@ def main(argv=None):
                         for key, m in models.items():
                             if phase == "decode":
                                 fns[key] = decode_step(m, x[0][:, :512])
-                            elif backend == "eager":
-                                fns[key] = (lambda m=m: m(*x))
+                            elif backend in ("eager", "inductor"):
+                                fns[key] = (lambda m=compiled(m, backend): m(*x))
                             else:
                                 run = ort_session(Logits(m), x, Path(tmp) / f"{key}.onnx")
                                 with torch.no_grad():
