@@ -1,4 +1,4 @@
-"""Language-model benchmark (issue 34, item 4): a byte-level Llama-style decoder trained on pycode
+"""Language-model benchmark: a byte-level Llama-style decoder trained on pycode
 (the Python standard library's sources), compressed to 60% / 40% of the parameters of its
 decomposable layers (every nn.Linear inside the decoder layers; embeddings and lm_head stay dense and
 are not counted) by post-hoc truncated SVD (`svd`), ASVD-style scaling (`asvd`), SVD-LLM-style
@@ -309,7 +309,7 @@ def report(r: dict) -> str:
 
 
 def targets(r: dict) -> list[str]:
-    """Issue 34's targets at 60%, where the points exist."""
+    """The targets at 60% (benchmarks/README.md), where the points exist."""
     pts = {(p["method"], p["level"], p["finetune_steps"]): p for p in r["points"] if "skipped" not in p}
     out, ft = [], r["settings"].get("finetune_steps_run", [])
     for steps in ft:
