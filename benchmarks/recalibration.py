@@ -27,6 +27,20 @@ from svdtrain.models import build_model
 HERE = Path(__file__).resolve().parent
 
 
+def trained_model(data_dir: str):
+    """The committed trained ResNet-20 (eval mode), its 5k validation loader, and an augmented
+    training loader of batch 128 (seed 0), both normalised as the run that trained it."""
+    state = torch.load(HERE / "results" / "pretrained_dense" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    cfg = dict(state["config"], data_dir=data_dir, val_size=5000)
+    data = run_dataset(cfg)
+    dense = build_model(cfg["model"], num_classes=data.num_classes)
+    dense.load_state_dict(state["model"])
+    norm = dict(mean=data.mean, std=data.std)
+    val = BatchLoader(data.x_val, data.y_val, 500, train=False, **norm)
+    train = BatchLoader(data.x_train, data.y_train, 128, train=True, augment=True, seed=0, **norm)
+    return dense.eval(), val, train
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=str(Path.home() / ".cache" / "cifar10"))
@@ -35,14 +49,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(HERE / "results" / "recalibration.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    state = torch.load(HERE / "results" / "pretrained_dense" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    cfg = dict(state["config"], data_dir=args.data_dir, val_size=5000)
-    data = run_dataset(cfg)
-    dense = build_model(cfg["model"], num_classes=data.num_classes)
-    dense.load_state_dict(state["model"])
-    norm = dict(mean=data.mean, std=data.std)
-    val = BatchLoader(data.x_val, data.y_val, 500, train=False, **norm)
-    train = BatchLoader(data.x_train, data.y_train, 128, train=True, augment=True, seed=0, **norm)
+    dense, val, train = trained_model(args.data_dir)
     points = [{"level": "dense", "val_accuracy": evaluate(dense.eval(), val)}]
     for level in (0.5, 1 / 3, 0.25):
         model = svdtrain.decompose(copy.deepcopy(dense), init="svd").eval()

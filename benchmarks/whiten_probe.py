@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 import svdtrain
-from svdtrain.context import run_dataset
 from svdtrain.engine import evaluate
 from svdtrain.loader import BatchLoader
-from svdtrain.models import build_model
+
+from recalibration import trained_model  # benchmarks/ is on sys.path when run as a script
 
 HERE = Path(__file__).resolve().parent
 STARTS = {"plain": {}, "cholesky": {"whiten": "cholesky"}, "diag": {"whiten": "diag"}}
@@ -50,14 +50,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(HERE / "results" / "whiten_probe.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    state = torch.load(HERE / "results" / "pretrained_dense" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    cfg = dict(state["config"], data_dir=args.data_dir, val_size=5000)
-    data = run_dataset(cfg)
-    dense = build_model(cfg["model"], num_classes=data.num_classes)
-    dense.load_state_dict(state["model"])
-    norm = dict(mean=data.mean, std=data.std)
-    val = BatchLoader(data.x_val, data.y_val, 500, train=False, **norm)
-    train = BatchLoader(data.x_train, data.y_train, 128, train=True, augment=True, seed=0, **norm)
+    dense, val, train = trained_model(args.data_dir)
     batches = first_batches(train, args.batches)  # calibration and recalibration alike
     points = [{"start": "dense", "level": "100%", "val_accuracy": evaluate(dense.eval(), val)}]
     print(points[-1], flush=True)
