@@ -115,6 +115,26 @@ def ort_session(module, inputs, path):
     return lambda *xs: s.run(None, {n: x.numpy() for n, x in zip(names, xs)})[0]
 
 
+def latency_budget_point(name: str, dense, make_inputs, budget: float, batch: int, reps: int) -> dict:
+    """`prune(latency_budget=budget)` on this machine at `batch` (eager), then the shipped model
+    timed against the dense one, interleaved: the measured latency ratio against the budget."""
+    x = make_inputs(batch)
+    fwd = Logits(dense)
+    svd = svdtrain.decompose(copy.deepcopy(dense), init="svd", example_inputs=make_inputs(1))
+    t0 = time.perf_counter()
+    svdtrain.prune(svd, latency_budget=budget, example_inputs=x)
+    seconds = time.perf_counter() - t0
+    compact = svdtrain.export(svd, example_inputs=x).eval()
+    times = interleaved({"dense": lambda: fwd(*x), "compact": lambda: Logits(compact)(*x)}, reps)
+    ratio = times["compact"] / times["dense"]
+    return {"model": name, "phase": "prefill" if name == "llama_100m" else "forward", "backend": "eager",
+            "batch": batch, "latency_budget": budget, "latency_ratio": round(ratio, 4),
+            "within_10pct": abs(ratio - budget) <= 0.1 * budget, "prune_seconds": round(seconds, 1),
+            "macs_ratio": round(svdtrain.count_macs(compact, example_inputs=x) /
+                                svdtrain.count_macs(dense, example_inputs=x), 4),
+            "dense_ms": round(1e3 * times["dense"], 2), "compact_ms": round(1e3 * times["compact"], 2)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["vit_b16", "bert_base", "llama_100m", "resnet50"])
@@ -124,6 +144,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=str(HERE / "results" / "deploy_real.json"))
     p.add_argument("--report-only", action="store_true", help="rebuild the Markdown from the JSON")
+    p.add_argument("--latency-budgets", nargs="*", type=float, default=[],
+                   help="instead of the MACs levels: prune(latency_budget=B) at batch --budget-batch, eager")
+    p.add_argument("--budget-batch", type=int, default=8)
     args = p.parse_args(argv)
     if args.report_only:
         Path(args.out).with_suffix(".md").write_text(markdown(json.loads(Path(args.out).read_text())))
@@ -133,6 +156,23 @@ def main(argv=None):
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {"points": []}
     done = {(q["model"], q["backend"], q["batch"], q["phase"]) for q in result["points"]}
+    if args.latency_budgets:
+        budgets = result.setdefault("latency_budget_points", [])
+        for name in args.models:
+            for b in args.latency_budgets:
+                if any(q["model"] == name and q["latency_budget"] == b and q["batch"] == args.budget_batch
+                       for q in budgets):
+                    continue
+                torch.manual_seed(0)
+                dense, make_inputs = build(name)
+                budgets.append(latency_budget_point(name, dense, make_inputs, b, args.budget_batch, args.reps))
+                result["latency_budget_command"] = (f"python benchmarks/deploy.py --threads {args.threads} --reps "
+                                                    f"{args.reps} --latency-budgets {' '.join(map(str, args.latency_budgets))}"
+                                                    f" --budget-batch {args.budget_batch}")
+                out.write_text(json.dumps(result, indent=1) + "\n")
+                print(json.dumps(budgets[-1]), flush=True)
+        out.with_suffix(".md").write_text(markdown(result))
+        return
     batches = {"vit_b16": [1, 8], "bert_base": [1, 8], "llama_100m": [1, 8], "resnet50": [1, 8, 32]}
     for name in args.models:
         torch.manual_seed(0)
@@ -223,6 +263,16 @@ def markdown(result: dict) -> str:
                   "speed-up / weights reduction |", "|---|---|---|---|"]
         lines += [f"| {q['level']} | {q['weights_ratio']:.3f} | {q['latency_ratio']:.3f} ({q['dense_ms']:.1f}) | "
                   f"**{q['speedup_per_weights_reduction']:.2f}** |" for q in decode]
+    budgets = result.get("latency_budget_points", [])
+    if budgets:
+        lines += ["", f"Latency budgets (`prune(latency_budget=B)`, per-layer times measured here, eager; "
+                  f"`{result.get('latency_budget_command')}`): measured latency ratio of the shipped model, "
+                  "target within +-10% of B:", "",
+                  "| model | batch | budget | measured latency ratio (dense ms) | MACs ratio | within 10% | prune s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {q['model']} | {q['batch']} | {q['latency_budget']:.2f} | {q['latency_ratio']:.3f} "
+                  f"({q['dense_ms']:.1f}) | {q['macs_ratio']:.3f} | {'met' if q['within_10pct'] else '**missed**'} | "
+                  f"{q['prune_seconds']:.0f} |" for q in budgets]
     lines += ["", "Every backend:", "",
               "| model | phase | backend | batch | level | MACs ratio | latency ratio (dense ms) | speed-up / MACs reduction | ONNX max abs diff |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -86,6 +86,19 @@ def svd_form(point: dict):
     return model.eval()
 
 
+def runs(specs: list[str], seed: int) -> list[dict]:
+    """Points for named run directories: NAME=DIR, DIR holding compact.pt2 and summary.json."""
+    points = []
+    for spec in specs:
+        name, _, run_dir = spec.partition("=")
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+        if not (Path(run_dir) / "compact.pt2").is_file():
+            raise SystemExit(f"{run_dir}: no compact.pt2 (an unfinished run?)")
+        points.append({"method": name, "level": f"{100 * summary['macs'] / summary['dense_macs']:.0f}%", "seed": seed,
+                       "run_dir": run_dir, "macs": summary["macs"], "accuracy": summary["accuracy"]})
+    return points
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(HERE / "work" / "scratch"))
@@ -95,14 +108,17 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=30, help="repetitions at batch 1")
     p.add_argument("--reps-b128", type=int, default=10, help="repetitions at batch 128")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--runs", nargs="+", metavar="NAME=DIR", help="time these run directories (svdtrain run or "
+                   "compare.py points: compact.pt2, summary.json) instead of --work's points")
+    p.add_argument("--dense", help="with --runs: the dense run directory (its compact.pt2)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    dense_run = Path(args.work) / f"dense_s{args.seed}"
+    dense_run = Path(args.dense) if args.dense else Path(args.work) / f"dense_s{args.seed}"
     if not (dense_run / "compact.pt2").is_file():
         raise SystemExit(f"no dense model in {dense_run}: run benchmarks/compare.py --regime scratch first")
     dense = {"macs": json.loads((dense_run / "summary.json").read_text())["macs"], "compact": str(dense_run / "compact.pt2")}
-    points = [pt for pt in load_points(Path(args.work)) if pt["seed"] == args.seed
-              and (Path(pt["run_dir"]) / "compact.pt2").is_file()]
+    points = runs(args.runs, args.seed) if args.runs else [
+        pt for pt in load_points(Path(args.work)) if pt["seed"] == args.seed and (Path(pt["run_dir"]) / "compact.pt2").is_file()]
     for pt in points:
         pt["compact"] = str(Path(pt["run_dir"]) / "compact.pt2")
 
@@ -146,7 +162,8 @@ def main(argv=None):
                 continue
             d = ("dense", "-", fmt)
             key = (name, export, fmt)
-            variants.append({"method": pt["method"], "label": label(pt), "level": pt["level"],
+            variants.append({"method": pt["method"], "label": label(pt), "level": pt["level"], "run_dir": pt["run_dir"],
+                             "accuracy": pt.get("accuracy"),
                              "seed": pt["seed"], "settings": pt.get("settings"),
                              "export": export.split("/")[0], "memory_format": fmt,
                              "macs": macs[name, export], "macs_ratio": macs["dense", "-"] / macs[name, export],
@@ -172,7 +189,8 @@ def main(argv=None):
               "machine": f"{platform.machine()}, {args.threads} CPU threads, torch {torch.__version__}",
               "date": datetime.date.today().isoformat(),
               "command": f"python benchmarks/deploy_latency.py --threads {args.threads} --reps {args.reps} "
-                         f"--reps-b128 {args.reps_b128}"}
+                         f"--reps-b128 {args.reps_b128}" + (f" --dense {args.dense} --runs {' '.join(args.runs)}"
+                                                             if args.runs else "")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "deploy_latency.json").write_text(json.dumps(result, indent=2) + "\n")

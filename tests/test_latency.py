@@ -75,3 +75,46 @@ def test_latency_budget_on_the_wall_clock_runs_and_cuts():
         assert layer.plan.form == "factored" or ranks[name] == 256
     with pytest.raises(ValueError, match="exactly one of keep_energy, macs_budget or latency_budget"):
         svdtrain.prune(model, macs_budget=0.5, latency_budget=0.5, input_shape=(1, 256))
+
+
+def _steer(target_kw, timer=None):
+    """Twenty steps of budget-driven training with masks on a fixed batch; (strengths, ranks, model)."""
+    torch.manual_seed(0)
+    model = svdtrain.decompose(TinyResNet(), init="random")
+    reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ctrl = svdtrain.BudgetController(model, reg, input_shape=(1, 3, 16, 16), total_steps=20, every=2, target_at=0.5,
+                                     mask=True, optimizer=opt, timer=timer, **target_kw)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    strengths = []
+    for _ in range(20):
+        loss = nn.functional.cross_entropy(model(x), y) + reg(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        strengths.append(ctrl.step())
+    return strengths, svdtrain.ranks(model), model, ctrl
+
+
+def test_the_controller_steers_a_latency_target_as_the_macs_target_on_a_clock_that_reads_macs():
+    by_macs = _steer({"target_macs": 0.4})
+    by_time = _steer({"target_latency": 0.4}, timer=macs_timer)
+    assert by_time[0] == pytest.approx(by_macs[0], rel=1e-9) and by_time[1] == by_macs[1]
+    assert by_time[3].measure() == pytest.approx(by_macs[3].measure(), rel=1e-9)
+
+
+def test_the_controller_meets_a_latency_target_on_a_clock_where_pairs_run_slow():
+    strengths, ranks, model, ctrl = _steer({"target_latency": 0.7}, timer=slow_pairs_timer)
+    x = torch.randn(1, 3, 16, 16)
+    dense = copy.deepcopy(model)
+    for _, layer in svdtrain.svd_layers(dense):
+        layer.set_form("dense")
+    shipped = slow_pairs_timer(svdtrain.export(model.eval(), example_inputs=(x,)), (x,))
+    assert shipped <= 0.7 * slow_pairs_timer(svdtrain.export(dense.eval()), (x,)) * (1 + 1e-9)
+    assert any(k < model.get_submodule(n).full_rank for n, k in ranks.items())
+    with pytest.raises(ValueError, match="exactly one of target_macs or target_latency"):
+        svdtrain.BudgetController(model, svdtrain.Regularizer(strength=0.01), 0.5, (1, 3, 16, 16), 10,
+                                  target_latency=0.5)
+    with pytest.raises(ValueError, match="target_latency 0.001 is below the rank-1 floor"):
+        svdtrain.BudgetController(model, svdtrain.Regularizer(strength=0.01), input_shape=(1, 3, 16, 16),
+                                  total_steps=10, target_latency=0.001, timer=macs_timer)

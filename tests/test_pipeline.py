@@ -139,7 +139,8 @@ def test_summary_macs_are_those_of_the_shipped_program(finished):
     (["optim.lr=fast"], "config key 'optim.lr' must be float"),
     (["decompose.mode=diagonal"], "must be one of channel, spatial"),
     (["prune.keep_energy=1.5"], "keep_energy must be in (0, 1]"),
-    (["prune.score=loss"], "prune.score: loss ranks values under a MACs budget"),
+    (["prune.score=loss"], "prune.score: loss ranks values under a budget"),
+    (["regularizer.target_latency=0.5", "regularizer.target_macs=0.5"], "target_latency is a budget of its own"),
     (["optim.schedule_span=[0.5,0.2]"], "optim.schedule_span must be [start, end]"),
     (["lr"], "not of the form key=value"),
 ])

@@ -49,7 +49,7 @@ from .importance import SingularValueImportance
 from .layers import SVDLayer, svd_layers
 from .losses import Regularizer
 from .macs import LayerCost, profile
-from .prune import energy_rank, prune, rank_floor
+from .prune import clear_pruned_state, energy_rank, prune, rank_floor
 
 
 def macs_at_energy(records: list[LayerCost], keep_energy: float) -> tuple[int, list[int]]:
@@ -65,11 +65,13 @@ def macs_at_energy(records: list[LayerCost], keep_energy: float) -> tuple[int, l
     return total, ranks
 
 
-def budget_warning(macs_fraction: float, target: float, keep_energy: float, tolerance: float = 0.03) -> str | None:
-    """The one-line warning for MACs at keep_energy still above target + tolerance, else None."""
-    if macs_fraction <= target + tolerance:
+def budget_warning(fraction: float, target: float, keep_energy: float, tolerance: float = 0.03,
+                   what: str = "MACs") -> str | None:
+    """The one-line warning for `what` (MACs, or latency) at keep_energy still above target +
+    tolerance, else None."""
+    if fraction <= target + tolerance:
         return None
-    return (f"budget not reached in training: MACs at keep_energy {keep_energy:g} are {macs_fraction:.1%} "
+    return (f"budget not reached in training: {what} at keep_energy {keep_energy:g} are {fraction:.1%} "
             f"of dense, target {target:.1%}; pruning to the budget cuts singular values that still "
             "carry energy (train longer, or start from a larger sparsity strength)")
 
@@ -89,7 +91,11 @@ class LinearSchedule:
 
 class BudgetController:
     """Steers `reg.strength` so the MACs at `keep_energy` reach `target_macs` (a fraction of
-    the dense whole-model MACs) at `target_at` of `total_steps` and stay there.
+    the dense whole-model MACs) at `target_at` of `total_steps` and stay there. With
+    `target_latency` instead, the same law steers the model's predicted time on this device (a
+    LatencyTable measured once at construction, on `example_inputs` or `input_shape`, with
+    `timer`), masks cut with prune's latency_budget rule, and each layer is pinned to the form
+    that was faster at its rank; prune(latency_budget=...) at the end meets it.
 
         reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.005)   # start value
         ctrl = svdtrain.BudgetController(model, reg, target_macs=0.33, input_shape=(1, 3, 32, 32),
@@ -101,13 +107,18 @@ class BudgetController:
         svdtrain.prune(model, macs_budget=0.33, input_shape=(1, 3, 32, 32))
     """
 
-    def __init__(self, model: nn.Module, reg: Regularizer, target_macs: float, input_shape, total_steps: int,
-                 *, target_at: float = 0.5, keep_energy: float = 0.9999, every: int | None = None, gain: float = 0.5,
+    def __init__(self, model: nn.Module, reg: Regularizer, target_macs: float | None = None, input_shape=None,
+                 total_steps: int | None = None, *, target_latency: float | None = None, timer=None, target_at: float = 0.5, keep_energy: float = 0.9999, every: int | None = None, gain: float = 0.5,
                  horizon: int = 5, relax: float = 4.0, mask: bool = False, optimizer=None, example_inputs=None,
                  min_strength: float = 1e-6, max_strength: float = 10.0, tolerance: float = 0.03,
                  score: str = "energy", round_to: int = 1, schedule=None):
-        if not 0.0 < target_macs <= 1.0:
-            raise ValueError(f"target_macs must be in (0, 1], got {target_macs!r}")
+        if (target_macs is None) == (target_latency is None):
+            raise ValueError("give exactly one of target_macs or target_latency")
+        kind, target = ("latency", target_latency) if target_macs is None else ("macs", target_macs)
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"target_{kind} must be in (0, 1], got {target!r}")
+        if total_steps is None:
+            raise ValueError("total_steps is needed: the optimizer steps of the stage the budget is reached in")
         if not 0.0 < target_at <= 1.0:
             raise ValueError(f"target_at must be in (0, 1], got {target_at!r}")
         if reg.sparsity is None:
@@ -117,7 +128,7 @@ class BudgetController:
         if total_steps < 1 or every < 1:
             raise ValueError("total_steps and every must be >= 1")
         self.model, self.reg = model, reg
-        self.target, self.target_at, self.total = float(target_macs), float(target_at), int(total_steps)
+        self.target, self.target_at, self.total = float(target), float(target_at), int(total_steps)
         self.keep_energy, self.every, self.gain, self.horizon = keep_energy, every, gain, horizon
         self.relax = relax
         self.bounds, self.tolerance = (min_strength, max_strength), tolerance
@@ -128,9 +139,16 @@ class BudgetController:
                                                                    "example_inputs": example_inputs}
         self._records = profile(model, **self.inputs)
         floor, self.dense_macs = rank_floor(self._records)
-        if self.target * self.dense_macs < floor:
-            raise ValueError(f"target_macs {self.target:g} is below the rank-1 floor: rank 1 in every SVD layer "
-                             f"keeps {floor / self.dense_macs:.3f} of dense MACs")
+        floor /= self.dense_macs
+        self.what, self.table = "MACs", None
+        if kind == "latency":
+            from .latency import LatencyTable, wall_time
+            self.what = "latency"
+            self.table = LatencyTable(model, input_shape, example_inputs, round_to, timer or wall_time)
+            floor = self.table.floor()
+        if self.target < floor:
+            raise ValueError(f"target_{kind} {self.target:g} is below the rank-1 floor: rank 1 in every SVD layer "
+                             f"keeps {floor:.3f} of dense {self.what}")
         self.round_to = round_to
         self._set_masked(mask)
         self.steps, self.start, self.last, self.slope = 0, None, None, 0.0
@@ -140,7 +158,9 @@ class BudgetController:
         self.importance = SingularValueImportance(model) if mask and score == "loss" else None
 
     def measure(self) -> float:
-        """MACs at keep_energy now, as a fraction of the dense model's."""
+        """MACs (or predicted time) at keep_energy now, as a fraction of the dense model's."""
+        if self.table is not None:
+            return self.table.at_energy(self.keep_energy)
         return macs_at_energy(self._records, self.keep_energy)[0] / self.dense_macs
 
     def schedule(self, step: int | None = None) -> float:
@@ -172,6 +192,8 @@ class BudgetController:
                 self._mask_to(want)
         if self.masked and (self.steps >= self.total or (self.steps % self.every == 0 and self._ramp_done())):
             self._set_masked(False)  # ranks are final: the forward runs at them
+            if self.table is not None:
+                self.table.pin_forms()  # each layer ships the form that is faster at its rank
         return self.reg.strength
 
     def _ramp_done(self) -> bool:
@@ -184,19 +206,31 @@ class BudgetController:
             layer.plan.masked = masked
 
     def _mask_to(self, fraction: float) -> None:
-        """Gradual pruning: mask the lowest-scored singular values (prune's macs_budget rule)
-        until the deploy MACs are at most `fraction` of dense; never unmasks."""
-        deployed = sum(r.macs() for r in self._records) / self.dense_macs
+        """Gradual pruning: mask the lowest-scored singular values (prune's macs_budget rule, or
+        latency_budget's over the table) until the deploy cost is at most `fraction` of dense;
+        never unmasks."""
+        if self.table is not None:
+            deployed = self.table.now()
+        else:
+            deployed = sum(r.macs() for r in self._records) / self.dense_macs
         if deployed > fraction:
             scores = self.importance.scores() if self.importance is not None else None
-            prune(self.model, macs_budget=fraction, optimizer=self.optimizer, scores=scores, round_to=self.round_to,
-                  **self.inputs)
+            if self.table is not None:
+                from .latency import prune_to_latency
+                # forms are pinned once the ranks are final (a form does not change what trains)
+                prune_to_latency(self.model, fraction, importance=scores, round_to=self.round_to, table=self.table,
+                                 pin=False)
+                if self.optimizer is not None:
+                    clear_pruned_state(self.model, self.optimizer)
+            else:
+                prune(self.model, macs_budget=fraction, optimizer=self.optimizer, scores=scores,
+                      round_to=self.round_to, **self.inputs)
         if self.importance is not None:
             self.importance.reset()  # the next cut reads only the gradients from here on
 
     def report(self) -> str | None:
         """A one-line warning if the target was not reached, else None."""
-        return budget_warning(self.measure(), self.target, self.keep_energy, self.tolerance)
+        return budget_warning(self.measure(), self.target, self.keep_energy, self.tolerance, self.what)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "start": self.start, "last": self.last, "slope": self.slope,

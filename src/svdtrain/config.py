@@ -29,10 +29,12 @@ DEFAULTS: dict = {
     # target_macs > 0: the sparsity strength is steered (from `strength`) so that the MACs
     # pruning would keep reach this fraction of dense at target_at of the train stage
     # (svdtrain/budget.py), and prune cuts to it (unless prune.macs_budget is set).
+    # target_latency > 0 instead: the same, for the model's time on this machine at export.batch
+    # (a table of per-layer times measured once, svdtrain/latency.py); prune cuts to it.
     # orth_probes > 0: the orthogonality term's Grams estimated with that many random probes
     # (unbiased; for wide transformer layers, losses.py).
     "regularizer": {"orth": 1.0, "sparsity": "hoyer", "strength": 0.005, "target_macs": 0.0, "target_at": 0.5,
-                    "orth_probes": 0},
+                    "target_latency": 0.0, "orth_probes": 0},
     # macs_budget > 0 replaces keep_energy. gradual (with regularizer.target_macs): mask values
     # along the budget schedule during the train stage instead of all at once afterwards.
     # score (under a MACs budget): rank values by energy share, or by loss importance
@@ -192,20 +194,28 @@ def validate(cfg: dict) -> None:
     if not 0.0 <= p["macs_budget"] <= 1.0:
         raise ConfigError(f"prune.macs_budget must be in [0, 1] (0 = off), got {p['macs_budget']}")
     r = cfg["regularizer"]
-    if p["score"] == "loss" and not (p["macs_budget"] or r["target_macs"]):
-        raise ConfigError("prune.score: loss ranks values under a MACs budget: set prune.macs_budget or regularizer.target_macs")
+    steered = r["target_macs"] or r["target_latency"]
+    if p["score"] == "loss" and not (p["macs_budget"] or steered):
+        raise ConfigError("prune.score: loss ranks values under a budget: set prune.macs_budget, regularizer.target_macs "
+                          "or regularizer.target_latency")
     if p["score_batches"] < 1:
         raise ConfigError(f"prune.score_batches must be >= 1, got {p['score_batches']}")
     if not 0.0 <= r["target_macs"] <= 1.0 or not 0.0 < r["target_at"] <= 1.0:
         raise ConfigError("regularizer.target_macs must be in [0, 1] (0 = off) and regularizer.target_at in (0, 1]")
+    if not 0.0 <= r["target_latency"] <= 1.0:
+        raise ConfigError(f"regularizer.target_latency must be in [0, 1] (0 = off), got {r['target_latency']}")
+    if r["target_latency"] and (r["target_macs"] or p["macs_budget"]):
+        raise ConfigError("regularizer.target_latency is a budget of its own: unset regularizer.target_macs and "
+                          "prune.macs_budget")
     if r["orth_probes"] < 0:
         raise ConfigError(f"regularizer.orth_probes must be >= 0 (0 = the exact term), got {r['orth_probes']}")
     if r["sparsity"] != "none" and r["strength"] <= 0:
         raise ConfigError("regularizer.strength must be > 0 with a sparsity term (regularizer.sparsity=none turns it off)")
-    if cfg["prune"]["gradual"] and not r["target_macs"]:
-        raise ConfigError("prune.gradual follows the budget schedule: set regularizer.target_macs too")
-    if r["target_macs"] > 0 and r["sparsity"] == "none":
-        raise ConfigError("regularizer.target_macs steers the sparsity term: set regularizer.sparsity (e.g. hoyer)")
+    if cfg["prune"]["gradual"] and not steered:
+        raise ConfigError("prune.gradual follows the budget schedule: set regularizer.target_macs (or target_latency) too")
+    if steered and r["sparsity"] == "none":
+        raise ConfigError("regularizer.target_macs / target_latency steer the sparsity term: set regularizer.sparsity "
+                          "(e.g. hoyer)")
     d = cfg["decompose"]
     if d["enabled"] and d["init"] == "svd" and not d["dense_checkpoint"]:
         raise ConfigError("decompose.init: svd needs decompose.dense_checkpoint (a dense state_dict file)")

@@ -2,12 +2,13 @@
 
 For each SVD layer, on the input sizes its plan recorded, the time of its dense form and of
 its factor pair at a grid of ranks (linear in between) is measured; the rest of the model
-costs the dense model's measured time minus its SVD layers' dense times. The allocation is
-the MACs budget's (allocation.py) over this table; each layer is then pinned to the form that
+costs the dense model's measured time minus its SVD layers' dense times (LatencyTable). The
+allocation is the MACs budget's (allocation.py) over this table; each layer is then pinned to the form that
 was faster at its rank, so export ships what was timed. Layers with a pinned form keep it
 and count as they run in the dense model.
 
     svdtrain.prune(model, latency_budget=0.6, example_inputs=(x,))   # 60% of the dense model's time
+    svdtrain.BudgetController(model, reg, target_latency=0.6, ...)   # steered in training toward it
 """
 from __future__ import annotations
 
@@ -39,6 +40,28 @@ def wall_time(module: nn.Module, inputs: tuple, reps: int = 7) -> float:
     return statistics.median(times)
 
 
+def measured_latency_ratio(model: nn.Module, compact: nn.Module, input_shape, reps: int = 9) -> float:
+    """Wall time of `compact` (the export of `model`) over that of `model` exported with every
+    SVD layer dense, on zeros of `input_shape` here: the median of interleaved single runs."""
+    from .export import export
+    dense = copy.deepcopy(unwrap(model))
+    for _, layer in svd_layers(dense):
+        layer.set_form("dense")
+    p = next(model.parameters())
+    x = torch.zeros(tuple(input_shape), device=p.device, dtype=p.dtype)
+    dense = export(dense, example_inputs=(x,)).eval()
+    ratios = []
+    with torch.inference_mode():
+        compact(x), dense(x)  # warm-up
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            compact(x)
+            t1 = time.perf_counter()
+            dense(x)
+            ratios.append((t1 - t0) / (time.perf_counter() - t1))
+    return statistics.median(ratios)
+
+
 def _at_rank(layer: SVDLayer, k: int, form: str) -> nn.Module:
     """The layer's exported form at its top-k values (timing needs shapes, not values)."""
     trial = copy.deepcopy(layer)
@@ -53,47 +76,97 @@ def layer_times(layer: SVDLayer, timer: Callable, round_to: int = 1) -> tuple[fl
     grid = sorted({allowed[round(i * (len(allowed) - 1) / GRID)] for i in range(GRID + 1)})
     shapes = [c.shape for c in layer.plan.calls]
     p = layer.U
+    g = torch.Generator(device=p.device).manual_seed(0)  # inputs without touching the caller's random stream
 
     def run(module):
-        return sum(timer(module, (torch.randn(s, device=p.device, dtype=p.dtype),)) for s in shapes)
+        return sum(timer(module, (torch.randn(s, device=p.device, dtype=p.dtype, generator=g),)) for s in shapes)
     return run(_at_rank(layer, top, "dense")), {k: run(_at_rank(layer, k, "factored")) for k in grid}
 
 
 def _interpolate(points: dict[int, float], k: int) -> float:
     ks = sorted(points)
+    k = min(max(k, ks[0]), ks[-1])  # below the grid's lowest rank: its time (rank rounding keeps k there)
     lo = max(r for r in ks if r <= k)
     hi = min(r for r in ks if r >= k)
     return points[lo] if lo == hi else points[lo] + (points[hi] - points[lo]) * (k - lo) / (hi - lo)
 
 
+class LatencyTable:
+    """What each free SVD layer costs on this device, measured once: its dense form's time and
+    its factor pair's at a grid of ranks (linear in between), over the calls its plan recorded;
+    the rest of the model costs the dense model's measured time minus those layers' dense times.
+    The cost table of `prune(latency_budget=...)` and `BudgetController(target_latency=...)`.
+    Layers whose form is pinned when it is built count as they run, in the fixed part."""
+
+    def __init__(self, model: nn.Module, input_shape=None, example_inputs=None, round_to: int = 1,
+                 timer: Callable = wall_time):
+        from .export import export
+        inputs = as_inputs(model, input_shape, example_inputs)
+        profile(model, example_inputs=inputs)  # each plan records its calls' input sizes
+        self.names = {id(m): n for n, m in svd_layers(model)}
+        self.layers = {id(m): m for _, m in svd_layers(model) if m.plan.form == "auto" and m.plan.calls}
+        p = next(model.parameters())
+        # Building the timed layers draws their (discarded) initial weights: the caller's random
+        # stream is left as it was, so a training run does not depend on whether it was timed.
+        with torch.random.fork_rng(devices=[p.device.index or 0] if p.is_cuda else []):
+            self.times = {key: layer_times(layer, timer, round_to) for key, layer in self.layers.items()}
+            dense = copy.deepcopy(unwrap(model))
+            for _, layer in svd_layers(dense):
+                layer.set_form("dense")
+            self.dense_seconds = timer(export(dense, example_inputs=inputs), inputs)
+        self.fixed = max(0.0, self.dense_seconds - sum(d for d, _ in self.times.values()))
+
+    def cost(self, key: int, k: int) -> float:
+        """Seconds of layer `key` as shipped at rank k: the faster of its pair and its dense form."""
+        d, pairs = self.times[key]
+        return min(d, _interpolate(pairs, k))
+
+    def factored_is_faster(self, key: int, k: int) -> bool:
+        d, pairs = self.times[key]
+        return _interpolate(pairs, k) < d
+
+    def pin_forms(self) -> None:
+        """Pin each layer to the form that is faster at its active rank (what export then ships)."""
+        for key, layer in self.layers.items():
+            layer.set_form("factored" if self.factored_is_faster(key, layer.rank) else "dense")
+
+    def fraction(self, ranks: dict[int, int]) -> float:
+        """Predicted time at these ranks ({key: rank}) as a fraction of the dense model's."""
+        return (self.fixed + sum(self.cost(key, ranks[key]) for key in self.layers)) / self.dense_seconds
+
+    def now(self) -> float:
+        """The fraction at the layers' active ranks."""
+        return self.fraction({key: layer.rank for key, layer in self.layers.items()})
+
+    def at_energy(self, keep_energy: float) -> float:
+        """The fraction if every layer were pruned now at keep_energy (what the budget controller steers)."""
+        from .prune import energy_rank
+        return self.fraction({key: energy_rank(layer.s.detach()[layer.active], keep_energy)
+                              for key, layer in self.layers.items()})
+
+    def floor(self) -> float:
+        """The fraction at rank 1 in every layer: no latency budget below it can be met."""
+        return self.fraction({key: 1 for key in self.layers})
+
+
 def prune_to_latency(model: nn.Module, budget: float, input_shape=None, example_inputs=None, importance=None,
-                     round_to: int = 1, timer: Callable = wall_time) -> dict[str, float]:
+                     round_to: int = 1, timer: Callable = wall_time, table: LatencyTable | None = None,
+                     pin: bool = True) -> dict[str, float]:
     """Cut ranks so the model's predicted time is <= budget x the dense model's, measured with
-    `timer(module, inputs) -> seconds` (default: median wall time here). Returns the measured
-    dense time, the time the table predicts, and the fixed part (seconds)."""
-    from .export import export
+    `timer(module, inputs) -> seconds` (default: median wall time here), or read from `table`
+    (a LatencyTable of this model, measured once: the budget controller cuts many times). With
+    `pin`, each layer is then pinned to the form that is faster at its new rank.
+    Returns the measured dense time, the time the table predicts, and the fixed part (seconds)."""
     from .prune import _importance, _keep_top
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"latency_budget must be in (0, 1], got {budget!r}")
-    inputs = as_inputs(model, input_shape, example_inputs)
-    profile(model, example_inputs=inputs)  # each plan records its calls' input sizes
-    names = {id(m): n for n, m in svd_layers(model)}
-    layers = {id(m): m for _, m in svd_layers(model) if m.plan.form == "auto" and m.plan.calls}
-    table = {key: layer_times(layer, timer, round_to) for key, layer in layers.items()}
-    dense = copy.deepcopy(unwrap(model))
-    for _, layer in svd_layers(dense):
-        layer.set_form("dense")
-    total = timer(export(dense, example_inputs=inputs), inputs)
-    fixed = max(0.0, total - sum(d for d, _ in table.values()))
-
-    def cost(key: int, k: int) -> float:
-        d, pairs = table[key]
-        return min(d, _interpolate(pairs, k))
+    table = table or LatencyTable(model, input_shape, example_inputs, round_to, timer)
     importance = _importance(model, importance)
-    rank = allocate(layers, names, importance, cost, fixed, budget * total, round_to)
-    for key, layer in layers.items():
-        _keep_top(layer, rank[key], None if isinstance(importance, EnergyShare) else importance(names[key], layer))
-        d, pairs = table[key]
-        layer.set_form("factored" if _interpolate(pairs, rank[key]) < d else "dense")
-    return {"dense_seconds": total, "predicted_seconds": fixed + sum(cost(k, rank[k]) for k in layers),
-            "fixed_seconds": fixed}
+    rank = allocate(table.layers, table.names, importance, table.cost, table.fixed, budget * table.dense_seconds,
+                    round_to)
+    for key, layer in table.layers.items():
+        _keep_top(layer, rank[key], None if isinstance(importance, EnergyShare) else importance(table.names[key], layer))
+    if pin:
+        table.pin_forms()
+    return {"dense_seconds": table.dense_seconds, "predicted_seconds": table.fraction(rank) * table.dense_seconds,
+            "fixed_seconds": table.fixed}

@@ -124,6 +124,10 @@ def write_report(out: Path, summary: dict, metrics: list[dict], info: dict, cfg:
                  f"| {d['params']:,} |")
     lines += ["", "MACs are multiply-accumulates of one forward pass of one image (whole model).",
               f"Training time: {d['train_seconds']:.0f} s.", ""]
+    if d.get("latency_budget"):
+        lines += [f"Latency at batch {d['latency_batch']} on this machine (interleaved runs of the exported model "
+                  f"and the dense one): {100 * d['latency_ratio']:.1f}% of dense, budget {100 * d['latency_budget']:.1f}%.",
+                  ""]
     if info.get("budget_warning"):
         lines += [f"**Warning:** {info['budget_warning']}.", ""]
     if ranks:

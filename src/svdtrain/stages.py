@@ -21,6 +21,7 @@ from .distributed import replica_spread, spread
 from .engine import evaluate, make_optimizer, task_loss, train_phase
 from .export import export, export_onnx, export_program
 from .importance import loss_importance
+from .latency import measured_latency_ratio
 from .layers import svd_layers
 from .losses import Regularizer
 from .macs import count_macs, count_params, profile
@@ -100,7 +101,9 @@ def _train(ctx: RunContext, stage: str) -> None:
             stats.update(world_size=ctx.world, replica_spread=replica_spread(ctx.model))
         if sparsity and ctx.is_svd:
             stats["strength"] = reg.strength
-        if budget is not None:
+        if budget is not None and budget.table is not None:  # a latency target: fractions of dense time
+            stats["latency_schedule"], stats["latency_at_threshold"] = budget.schedule(), budget.measure()
+        elif budget is not None:
             stats["macs_schedule"] = budget.schedule() * state["info"]["dense_macs"]
             if ctx.world > 1:  # the controller reads only synced parameters: ranks must agree
                 stats["strength_spread"] = spread(reg.strength, ctx.device)
@@ -130,11 +133,17 @@ def _record_accuracy(ctx: RunContext, key: str) -> None:
 
 def _budget(ctx: RunContext, reg: Regularizer, opt, total_steps: int) -> BudgetController | None:
     r, p = ctx.cfg["regularizer"], ctx.cfg["prune"]
-    if not r["target_macs"]:
+    if not (r["target_macs"] or r["target_latency"]):
         return None
-    return BudgetController(ctx.model, reg, r["target_macs"], ctx.shape, total_steps,
-                            target_at=r["target_at"], keep_energy=p["keep_energy"],
-                            mask=p["gradual"], optimizer=opt, score=p["score"])
+    target = {"target_latency": r["target_latency"]} if r["target_latency"] else {"target_macs": r["target_macs"]}
+    return BudgetController(ctx.model, reg, input_shape=_deploy_shape(ctx) if r["target_latency"] else ctx.shape,
+                            total_steps=total_steps, target_at=r["target_at"], keep_energy=p["keep_energy"],
+                            mask=p["gradual"], optimizer=opt, score=p["score"], **target)
+
+
+def _deploy_shape(ctx: RunContext) -> tuple:
+    """The input shape a latency budget is timed at: export.batch inputs."""
+    return (ctx.cfg["export"]["batch"],) + tuple(ctx.shape[1:])
 
 
 def _rank_stats(ctx: RunContext) -> dict:
@@ -151,10 +160,16 @@ def _check_budget(ctx: RunContext) -> None:
     """After a budget-driven train stage: warn (log + report) if the target was missed."""
     r, info = ctx.cfg["regularizer"], ctx.state["info"]
     last = next((m for m in reversed(ctx.state["metrics"]) if m.get("stage") == "train"), None)
-    if not r["target_macs"] or last is None or "macs_at_threshold" not in last:
+    if last is None:
         return
-    warning = budget_warning(last["macs_at_threshold"] / info["dense_macs"], r["target_macs"],
-                             ctx.cfg["prune"]["keep_energy"])
+    if r["target_latency"] and "latency_at_threshold" in last:
+        warning = budget_warning(last["latency_at_threshold"], r["target_latency"], ctx.cfg["prune"]["keep_energy"],
+                                 what="latency")
+    elif r["target_macs"] and "macs_at_threshold" in last:
+        warning = budget_warning(last["macs_at_threshold"] / info["dense_macs"], r["target_macs"],
+                                 ctx.cfg["prune"]["keep_energy"])
+    else:
+        return
     if warning:
         info["budget_warning"] = warning
         log.warning("svdtrain: %s", info["budget_warning"])
@@ -163,15 +178,20 @@ def _check_budget(ctx: RunContext) -> None:
 
 
 def prune_stage(ctx: RunContext) -> None:
-    """Remove singular values by energy (prune.keep_energy) or to a MACs budget
-    (prune.macs_budget, else regularizer.target_macs), ranked by energy or loss importance."""
+    """Remove singular values by energy (prune.keep_energy), to a MACs budget
+    (prune.macs_budget, else regularizer.target_macs) or to regularizer.target_latency (each
+    layer then pinned to its faster form), ranked by energy or loss importance."""
     info = ctx.state["info"]
     if not ctx.is_svd:
         return
-    p = ctx.cfg["prune"]
+    p, latency = ctx.cfg["prune"], ctx.cfg["regularizer"]["target_latency"]
     budget = p["macs_budget"] or ctx.cfg["regularizer"]["target_macs"]
-    if budget > 0:
-        scores = _loss_scores(ctx, p["score_batches"]) if p["score"] == "loss" else None
+    scores = _loss_scores(ctx, p["score_batches"]) if p["score"] == "loss" and (budget or latency) else None
+    if latency:
+        for _, layer in svd_layers(ctx.model):
+            layer.set_form("auto")  # the cut re-times every layer and pins its faster form again
+        info["ranks"] = prune(ctx.model, latency_budget=latency, input_shape=_deploy_shape(ctx), scores=scores)
+    elif budget > 0:
         info["ranks"] = prune(ctx.model, macs_budget=budget, input_shape=ctx.shape, scores=scores)
     else:
         info["ranks"] = prune(ctx.model, keep_energy=p["keep_energy"])
@@ -220,6 +240,8 @@ def export_stage(ctx: RunContext) -> None:
     # Timed (choose=latency) on the run's own device, then moved to the CPU to be saved.
     compact = export(model, input_shape=(ex["batch"],) + tuple(ctx.shape[1:]), choose=ex["choose"],
                      channels_last=ex["channels_last"]) if ctx.is_svd else copy.deepcopy(model)
+    if ctx.is_svd and ctx.cfg["regularizer"]["target_latency"]:
+        info["latency_ratio"] = measured_latency_ratio(model, compact, _deploy_shape(ctx))
     compact = compact.to("cpu", memory_format=torch.contiguous_format).eval()
     # What ships: a latency export may keep a layer dense or pad its rank.
     info["macs"], info["params"] = count_macs(compact, ctx.shape), count_params(compact)
@@ -248,6 +270,8 @@ def report_stage(ctx: RunContext) -> None:
         "keep_energy": cfg["prune"]["keep_energy"] if ctx.is_svd else None,
         "macs_budget": cfg["prune"]["macs_budget"] or cfg["regularizer"]["target_macs"] or None,
         "budget_warning": info.get("budget_warning"),
+        **({"latency_budget": cfg["regularizer"]["target_latency"], "latency_ratio": info.get("latency_ratio"),
+            "latency_batch": cfg["export"]["batch"]} if cfg["regularizer"]["target_latency"] and ctx.is_svd else {}),
         "model": cfg["model"], "dataset": cfg["dataset"],
         "train_seconds": sum(m.get("seconds", 0.0) for m in ctx.state["metrics"]),
     }
