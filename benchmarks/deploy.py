@@ -24,6 +24,7 @@ import json
 import logging
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -140,6 +141,8 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=["vit_b16", "bert_base", "llama_100m", "resnet50"])
     p.add_argument("--backends", nargs="+", default=["eager", "onnxruntime"],
                    choices=("eager", "inductor", "onnxruntime"))
+    p.add_argument("--methods", nargs="+", default=["svd", "torch_pruning"], choices=("svd", "torch_pruning"))
+    p.add_argument("--batches", nargs="*", type=int, help="only these batch sizes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=str(HERE / "results" / "deploy_real.json"))
@@ -155,7 +158,7 @@ def main(argv=None):
     logging.getLogger("svdtrain").setLevel(logging.ERROR)
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {"points": []}
-    done = {(q["model"], q["backend"], q["batch"], q["phase"]) for q in result["points"]}
+    done = {(q["model"], q["backend"], q["batch"], q["phase"], q["method"]) for q in result["points"]}
     if args.latency_budgets:
         budgets = result.setdefault("latency_budget_points", [])
         for name in args.models:
@@ -169,6 +172,7 @@ def main(argv=None):
                 result["latency_budget_command"] = (f"python benchmarks/deploy.py --threads {args.threads} --reps "
                                                     f"{args.reps} --latency-budgets {' '.join(map(str, args.latency_budgets))}"
                                                     f" --budget-batch {args.budget_batch}")
+                stamp(result, args)
                 out.write_text(json.dumps(result, indent=1) + "\n")
                 print(json.dumps(budgets[-1]), flush=True)
         out.with_suffix(".md").write_text(markdown(result))
@@ -180,88 +184,117 @@ def main(argv=None):
         small = make_inputs(1)
         models = {"dense": dense}
         macs = {"dense": svdtrain.count_macs(dense, example_inputs=small)}
-        for level, frac in LEVELS.items():
-            svd = svdtrain.decompose(copy.deepcopy(dense), init="svd", example_inputs=small)
-            svdtrain.prune(svd, macs_budget=frac, example_inputs=small)
-            models[level] = svdtrain.export(svd, example_inputs=small).eval()
-            macs[level] = svdtrain.count_macs(models[level], example_inputs=small)
-            del svd
+        for method in args.methods:
+            for level, frac in LEVELS.items():
+                models[method, level] = compact_model(method, name, dense, small, frac)
+                macs[method, level] = svdtrain.count_macs(models[method, level], example_inputs=small)
         weights = {k: matmul_weights(m) for k, m in models.items()}  # what a decode step reads
         phases = ["prefill", "decode"] if name == "llama_100m" else ["forward"]
         for phase in phases:
             for batch in batches[name]:
+                if args.batches and batch not in args.batches:
+                    continue
                 x = make_inputs(batch)
                 for backend in args.backends:
-                    if (name, backend, batch, phase) in done or (phase == "decode" and backend != "eager"):
+                    todo = [m for m in args.methods if (name, backend, batch, phase, m) not in done]
+                    if not todo or (phase == "decode" and backend != "eager"):
                         continue
                     fns, check = {}, {}
+                    timed = {k: m for k, m in models.items() if k == "dense" or k[0] in todo}
                     with tempfile.TemporaryDirectory() as tmp:
-                        for key, m in models.items():
+                        for i, (key, m) in enumerate(timed.items()):
                             if phase == "decode":
                                 fns[key] = decode_step(m, x[0][:, :512])
                             elif backend in ("eager", "inductor"):
                                 fns[key] = (lambda m=compiled(m, backend): m(*x))
                             else:
-                                run = ort_session(Logits(m), x, Path(tmp) / f"{key}.onnx")
+                                run = ort_session(Logits(m), x, Path(tmp) / f"{i}.onnx")
                                 with torch.no_grad():
                                     check[key] = float((torch.from_numpy(run(*x)) - Logits(m)(*x)).abs().max())
                                 fns[key] = (lambda run=run: run(*x))
                         times = interleaved(fns, args.reps)
-                    for level in LEVELS:
-                        m_ratio = macs[level] / macs["dense"]
-                        l_ratio = times[level] / times["dense"]
-                        result["points"].append({
-                            "model": name, "phase": phase, "backend": backend, "batch": batch, "level": level,
-                            "method": "svd", "macs_ratio": round(m_ratio, 4), "latency_ratio": round(l_ratio, 4),
-                            "speedup": round(1 / l_ratio, 3), "macs_reduction": round(1 / m_ratio, 3),
-                            "speedup_per_macs_reduction": round(m_ratio / l_ratio, 3),
-                            "dense_ms": round(1e3 * times["dense"], 2), "compact_ms": round(1e3 * times[level], 2),
-                            "max_abs_diff_onnx": check.get(level),
-                            **({"weights_ratio": round(weights[level] / weights["dense"], 4),
-                                "speedup_per_weights_reduction": round(weights[level] / weights["dense"] / l_ratio, 3)}
-                               if phase == "decode" else {})})
-                    result.update(machine=f"{platform.machine()}, {args.threads} threads, no GPU was available for this run",
-                                  torch=torch.__version__, date=datetime.date.today().isoformat(),
-                                  command=f"python benchmarks/deploy.py --threads {args.threads} --reps {args.reps}")
+                    for method in todo:
+                        for level in LEVELS:
+                            key = (method, level)
+                            m_ratio = macs[key] / macs["dense"]
+                            l_ratio = times[key] / times["dense"]
+                            result["points"].append({
+                                "model": name, "phase": phase, "backend": backend, "batch": batch, "level": level,
+                                "method": method, "macs_ratio": round(m_ratio, 4), "latency_ratio": round(l_ratio, 4),
+                                "speedup": round(1 / l_ratio, 3), "macs_reduction": round(1 / m_ratio, 3),
+                                "speedup_per_macs_reduction": round(m_ratio / l_ratio, 3),
+                                "dense_ms": round(1e3 * times["dense"], 2), "compact_ms": round(1e3 * times[key], 2),
+                                "max_abs_diff_onnx": check.get(key),
+                                **({"weights_ratio": round(weights[key] / weights["dense"], 4),
+                                    "speedup_per_weights_reduction": round(weights[key] / weights["dense"] / l_ratio, 3)}
+                                   if phase == "decode" else {})})
+                    stamp(result, args)
                     out.write_text(json.dumps(result, indent=1) + "\n")
-                    print(json.dumps(result["points"][-2:]), flush=True)
+                    print(json.dumps(result["points"][-1]), flush=True)
     out.with_suffix(".md").write_text(markdown(result))
 
 
+def stamp(result: dict, args) -> None:
+    """Machine, versions, date and the commands that made the points."""
+    result.update(machine=f"{platform.machine()}, {args.threads} threads, no GPU was available for this run",
+                  torch=torch.__version__, date=datetime.date.today().isoformat(),
+                  command=f"python benchmarks/deploy.py --threads {args.threads} --reps {args.reps}")
+    run = "python benchmarks/deploy.py " + " ".join(sys.argv[1:])
+    if run not in result.setdefault("commands", []):
+        result["commands"].append(run)
+
+
+def compact_model(method: str, name: str, dense, small, frac: float):
+    """The compact model of a method at a MACs fraction: svdtrain's (`decompose(init="svd")`,
+    `prune(macs_budget=...)`, `export()`), or Torch-Pruning's channel pruning (tp_anchor.py)."""
+    if method == "torch_pruning":
+        from tp_anchor import torch_pruned  # benchmarks/ is on sys.path when run as a script
+        return torch_pruned(name, dense, small, frac)[0].eval()
+    svd = svdtrain.decompose(copy.deepcopy(dense), init="svd", example_inputs=small)
+    svdtrain.prune(svd, macs_budget=frac, example_inputs=small)
+    return svdtrain.export(svd, example_inputs=small).eval()
+
+
 def best_of_each_side(points: list[dict]) -> list[dict]:
-    """Per (model, phase, batch, level): the dense model on its fastest backend against the
-    compact model on its fastest, as the deployment targets are stated."""
+    """Per (model, phase, batch, level, method): the dense model on its fastest backend (over
+    every run of that model, phase and batch) against the compact model on its fastest, as the
+    deployment targets are stated."""
+    dense = {}
+    for q in points:
+        key = (q["model"], q["phase"], q["batch"])
+        if q["dense_ms"] < dense.get(key, (float("inf"),))[0]:
+            dense[key] = (q["dense_ms"], q["backend"])
     out = {}
     for q in points:
-        key = (q["model"], q["phase"], q["batch"], q["level"])
-        row = out.setdefault(key, {"dense_ms": float("inf"), "compact_ms": float("inf"), "macs_ratio": q["macs_ratio"]})
-        if q["dense_ms"] < row["dense_ms"]:
-            row.update(dense_ms=q["dense_ms"], dense_backend=q["backend"])
+        key = (q["model"], q["phase"], q["batch"], q["level"], q["method"])
+        row = out.setdefault(key, {"compact_ms": float("inf"), "macs_ratio": q["macs_ratio"]})
         if q["compact_ms"] < row["compact_ms"]:
             row.update(compact_ms=q["compact_ms"], compact_backend=q["backend"])
     rows = []
-    for (model, phase, batch, level), r in out.items():
-        ratio = r["compact_ms"] / r["dense_ms"]
-        rows.append({"model": model, "phase": phase, "batch": batch, "level": level, **r,
+    for (model, phase, batch, level, method), r in out.items():
+        d_ms, d_backend = dense[model, phase, batch]
+        ratio = r["compact_ms"] / d_ms
+        rows.append({"model": model, "phase": phase, "batch": batch, "level": level, "method": method, **r,
+                     "dense_ms": d_ms, "dense_backend": d_backend,
                      "latency_ratio": ratio, "speedup_per_macs_reduction": r["macs_ratio"] / ratio})
-    return rows
+    return sorted(rows, key=lambda r: (r["model"], r["phase"], r["batch"], r["level"] != "50%", r["method"]))
 
 
 def markdown(result: dict) -> str:
     lines = [f"Measured {result['date']}, {result['machine']}, torch {result['torch']}: `{result['command']}`.", "",
              "Each side on its fastest backend:", "",
-             "| model | phase | batch | level | MACs ratio | dense ms (backend) | compact ms (backend) | speed-up / MACs reduction |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | phase | batch | level | method | MACs ratio | dense ms (backend) | compact ms (backend) | speed-up / MACs reduction |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in best_of_each_side(result["points"]):
-        lines.append(f"| {r['model']} | {r['phase']} | {r['batch']} | {r['level']} | {r['macs_ratio']:.3f} | "
+        lines.append(f"| {r['model']} | {r['phase']} | {r['batch']} | {r['level']} | {r['method']} | {r['macs_ratio']:.3f} | "
                      f"{r['dense_ms']:.1f} ({r['dense_backend']}) | {r['compact_ms']:.1f} ({r['compact_backend']}) | "
                      f"**{r['speedup_per_macs_reduction']:.2f}** |")
     decode = [q for q in result["points"] if "weights_ratio" in q]
     if decode:
         lines += ["", "Decode (one token, KV cache of 512, batch 1, eager): speed-up against the reduction in "
-                  "weights read per step:", "", "| level | weights ratio | latency ratio (dense ms) | "
+                  "weights read per step:", "", "| level, method | weights ratio | latency ratio (dense ms) | "
                   "speed-up / weights reduction |", "|---|---|---|---|"]
-        lines += [f"| {q['level']} | {q['weights_ratio']:.3f} | {q['latency_ratio']:.3f} ({q['dense_ms']:.1f}) | "
+        lines += [f"| {q['level']} {q['method']} | {q['weights_ratio']:.3f} | {q['latency_ratio']:.3f} ({q['dense_ms']:.1f}) | "
                   f"**{q['speedup_per_weights_reduction']:.2f}** |" for q in decode]
     budgets = result.get("latency_budget_points", [])
     if budgets:
@@ -274,11 +307,11 @@ def markdown(result: dict) -> str:
                   f"({q['dense_ms']:.1f}) | {q['macs_ratio']:.3f} | {'met' if q['within_10pct'] else '**missed**'} | "
                   f"{q['prune_seconds']:.0f} |" for q in budgets]
     lines += ["", "Every backend:", "",
-              "| model | phase | backend | batch | level | MACs ratio | latency ratio (dense ms) | speed-up / MACs reduction | ONNX max abs diff |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| model | phase | backend | batch | level | method | MACs ratio | latency ratio (dense ms) | speed-up / MACs reduction | ONNX max abs diff |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for q in result["points"]:
         diff = "-" if q["max_abs_diff_onnx"] is None else f"{q['max_abs_diff_onnx']:.1e}"
-        lines.append(f"| {q['model']} | {q['phase']} | {q['backend']} | {q['batch']} | {q['level']} | {q['macs_ratio']:.3f} "
+        lines.append(f"| {q['model']} | {q['phase']} | {q['backend']} | {q['batch']} | {q['level']} | {q['method']} | {q['macs_ratio']:.3f} "
                      f"| {q['latency_ratio']:.3f} ({q['dense_ms']:.1f}) | {q['speedup_per_macs_reduction']:.2f} | {diff} |")
     return "\n".join(lines) + "\n"
 

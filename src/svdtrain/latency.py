@@ -96,7 +96,8 @@ class LatencyTable:
     its factor pair's at a grid of ranks (linear in between), over the calls its plan recorded;
     the rest of the model costs the dense model's measured time minus those layers' dense times.
     The cost table of `prune(latency_budget=...)` and `BudgetController(target_latency=...)`.
-    Layers whose form is pinned when it is built count as they run, in the fixed part."""
+    Layers whose form is pinned when it is built, or whose `.weight` other code reads (they ship
+    dense), count as they run, in the fixed part."""
 
     def __init__(self, model: nn.Module, input_shape=None, example_inputs=None, round_to: int = 1,
                  timer: Callable = wall_time):
@@ -104,7 +105,9 @@ class LatencyTable:
         inputs = as_inputs(model, input_shape, example_inputs)
         profile(model, example_inputs=inputs)  # each plan records its calls' input sizes
         self.names = {id(m): n for n, m in svd_layers(model)}
-        self.layers = {id(m): m for _, m in svd_layers(model) if m.plan.form == "auto" and m.plan.calls}
+        # free: not pinned, called, and no code outside reads its .weight (such a layer ships dense)
+        self.layers = {id(m): m for _, m in svd_layers(model)
+                       if m.plan.form == "auto" and m.plan.calls and not m.plan.reads_weight}
         p = next(model.parameters())
         # Building the timed layers draws their (discarded) initial weights: the caller's random
         # stream is left as it was, so a training run does not depend on whether it was timed.
