@@ -118,3 +118,27 @@ def test_the_controller_meets_a_latency_target_on_a_clock_where_pairs_run_slow()
     with pytest.raises(ValueError, match="target_latency 0.001 is below the rank-1 floor"):
         svdtrain.BudgetController(model, svdtrain.Regularizer(strength=0.01), input_shape=(1, 3, 16, 16),
                                   total_steps=10, target_latency=0.001, timer=macs_timer)
+
+
+def whole_model_slow_timer(module, inputs):
+    """A clock on which a whole model runs 1.5x slower than its layers timed alone (a single
+    layer or factor pair keeps its MACs): the table's sum of parts mispredicts the model."""
+    counted = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return macs_timer(module, inputs) * (1.5 if len(counted) > 2 else 1.0)
+
+
+def test_a_latency_budget_is_checked_on_the_whole_model_and_the_allocation_corrected():
+    torch.manual_seed(0)
+    base = svdtrain.decompose(TinyResNet(), init="svd").eval()
+    x = torch.randn(2, 3, 16, 16)
+    dense = copy.deepcopy(base)
+    for _, layer in svdtrain.svd_layers(dense):
+        layer.set_form("dense")
+    dense_time = whole_model_slow_timer(svdtrain.export(dense), (x,))
+
+    def shipped(refine):
+        model = copy.deepcopy(base)
+        svdtrain.latency.prune_to_latency(model, 0.6, example_inputs=(x,), timer=whole_model_slow_timer, refine=refine)
+        return whole_model_slow_timer(svdtrain.export(model, example_inputs=(x,)), (x,)) / dense_time
+    assert abs(shipped(0) - 0.6) > 0.05 * 0.6  # the sum of parts alone misses
+    assert abs(shipped(3) - 0.6) <= 0.05 * 0.6

@@ -219,7 +219,7 @@ class BudgetController:
                 from .latency import prune_to_latency
                 # forms are pinned once the ranks are final (a form does not change what trains)
                 prune_to_latency(self.model, fraction, importance=scores, round_to=self.round_to, table=self.table,
-                                 pin=False)
+                                 pin=False, refine=0)
                 if self.optimizer is not None:
                     clear_pruned_state(self.model, self.optimizer)
             else:

@@ -118,6 +118,7 @@ class LatencyTable:
                 layer.set_form("dense")
             self.dense_seconds = timer(export(dense, example_inputs=inputs), inputs)
         self.fixed = max(0.0, self.dense_seconds - sum(d for d, _ in self.times.values()))
+        self.inputs, self.timer = inputs, timer
 
     def cost(self, key: int, k: int) -> float:
         """Seconds of layer `key` as shipped at rank k: the faster of its pair and its dense form."""
@@ -147,6 +148,22 @@ class LatencyTable:
         return self.fraction({key: energy_rank(layer.s.detach()[layer.active], keep_energy)
                               for key, layer in self.layers.items()})
 
+    def measure(self, model: nn.Module, rank: dict[int, int]) -> float:
+        """The measured time of `model` shipped at these ranks (each layer in its faster form; a
+        copy is cut, not the model), as a fraction of the dense time: the table sums layers timed
+        alone, which the whole model need not match."""
+        from .export import export
+        from .prune import _keep_top
+        trial = copy.deepcopy(model)
+        layers = dict(svd_layers(trial))
+        p = next(model.parameters())
+        with torch.random.fork_rng(devices=[p.device.index or 0] if p.is_cuda else []):
+            for key, k in rank.items():
+                layer = layers[self.names[key]]
+                _keep_top(layer, k)  # the time depends on the rank, not on which values
+                layer.set_form("factored" if self.factored_is_faster(key, k) else "dense")
+            return self.timer(export(unwrap(trial), example_inputs=self.inputs), self.inputs) / self.dense_seconds
+
     def floor(self) -> float:
         """The fraction at rank 1 in every layer: no latency budget below it can be met."""
         return self.fraction({key: 1 for key in self.layers})
@@ -154,22 +171,48 @@ class LatencyTable:
 
 def prune_to_latency(model: nn.Module, budget: float, input_shape=None, example_inputs=None, importance=None,
                      round_to: int = 1, timer: Callable = wall_time, table: LatencyTable | None = None,
-                     pin: bool = True) -> dict[str, float]:
-    """Cut ranks so the model's predicted time is <= budget x the dense model's, measured with
+                     pin: bool = True, refine: int = 3) -> dict[str, float]:
+    """Cut ranks so the model's time is budget x the dense model's (the table's prediction <= it), measured with
     `timer(module, inputs) -> seconds` (default: median wall time here), or read from `table`
-    (a LatencyTable of this model, measured once: the budget controller cuts many times). With
+    (a LatencyTable of this model, measured once: the budget controller cuts many times). The
+    table's prediction is then checked on the whole model shipped at the chosen ranks (a cut
+    copy), up to `refine` times: while the measured fraction is more than 5% from the budget and
+    the table mispredicts it, the allocation's target is moved (first by the table's error,
+    budget x predicted / measured, then by the secant through the nearest measurements on either
+    side of the budget) and the ranks chosen again; of the measured allocations, the one nearest
+    the budget without exceeding it by more than 5% is kept. With
     `pin`, each layer is then pinned to the form that is faster at its new rank.
-    Returns the measured dense time, the time the table predicts, and the fixed part (seconds)."""
+    Returns the dense time, the time the table predicts, the fixed part (seconds), and the
+    measured fraction of what was kept (None with refine=0)."""
     from .prune import _importance, _keep_top
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"latency_budget must be in (0, 1], got {budget!r}")
     table = table or LatencyTable(model, input_shape, example_inputs, round_to, timer)
     importance = _importance(model, importance)
-    rank = allocate(table.layers, table.names, importance, table.cost, table.fixed, budget * table.dense_seconds,
-                    round_to)
+    def ranks_at(target):
+        return allocate(table.layers, table.names, importance, table.cost, table.fixed, target * table.dense_seconds,
+                        round_to)
+    rank, target, tried = ranks_at(budget), budget, []  # tried: (target, measured, ranks)
+    for step in range(refine):
+        measured, predicted = table.measure(model, rank), table.fraction(rank)
+        tried.append((target, measured, rank))
+        if abs(measured - budget) <= 0.05 * budget or abs(measured / predicted - 1) <= 0.01 or step == refine - 1:
+            break  # on budget, or the table is right (what is left is the ranks' granularity), or out of tries
+        below = [(t, m) for t, m, _ in tried if m < budget]
+        above = [(t, m) for t, m, _ in tried if m > budget]
+        if below and above:  # the secant between the nearest measurements on either side
+            (t0, m0), (t1, m1) = max(below, key=lambda q: q[1]), min(above, key=lambda q: q[1])
+            target = t0 + (budget - m0) * (t1 - t0) / (m1 - m0)
+        else:  # the table's error taken out of its target
+            target = min(1.0, budget * predicted / measured)
+        rank = ranks_at(target)
+    measured = None
+    if tried:  # the nearest to the budget among those at most 5% over it, else the fastest
+        fits = [q for q in tried if q[1] <= 1.05 * budget]
+        _, measured, rank = min(fits, key=lambda q: abs(q[1] - budget)) if fits else min(tried, key=lambda q: q[1])
     for key, layer in table.layers.items():
         _keep_top(layer, rank[key], None if isinstance(importance, EnergyShare) else importance(table.names[key], layer))
     if pin:
         table.pin_forms()
     return {"dense_seconds": table.dense_seconds, "predicted_seconds": table.fraction(rank) * table.dense_seconds,
-            "fixed_seconds": table.fixed}
+            "fixed_seconds": table.fixed, "measured_fraction": measured}
