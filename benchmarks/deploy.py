@@ -152,7 +152,9 @@ def main(argv=None):
     p.add_argument("--budget-batch", type=int, default=8)
     args = p.parse_args(argv)
     if args.report_only:
-        Path(args.out).with_suffix(".md").write_text(markdown(json.loads(Path(args.out).read_text())))
+        result = json.loads(Path(args.out).read_text())
+        Path(args.out).with_suffix(".md").write_text(markdown(result))
+        plot(result, Path(args.out).with_suffix(".png"))
         return
     torch.set_num_threads(args.threads)
     logging.getLogger("svdtrain").setLevel(logging.ERROR)
@@ -232,6 +234,7 @@ def main(argv=None):
                     out.write_text(json.dumps(result, indent=1) + "\n")
                     print(json.dumps(result["points"][-1]), flush=True)
     out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
 
 
 def stamp(result: dict, args) -> None:
@@ -281,6 +284,34 @@ def best_of_each_side(points: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["model"], r["phase"], r["batch"], r["level"] != "50%", r["method"]))
 
 
+def plot(result: dict, path: Path) -> None:
+    """Speed-up / MACs reduction of each method at each (model, phase, batch), each side on its
+    fastest backend, one panel per level; the dashed line is 1 (speed-up equal to the MACs reduction)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = best_of_each_side(result["points"])
+    cases = sorted({(r["model"], r["phase"], r["batch"]) for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    fig, axes = plt.subplots(1, len(LEVELS), figsize=(11, 3.6), sharey=True)
+    for ax, level in zip(axes, LEVELS):
+        for i, method in enumerate(methods):
+            got = {(r["model"], r["phase"], r["batch"]): r["speedup_per_macs_reduction"] for r in rows
+                   if r["level"] == level and r["method"] == method}
+            xs = [j + (i - (len(methods) - 1) / 2) * 0.38 for j in range(len(cases))]
+            ax.bar(xs, [got.get(c, 0) for c in cases], width=0.38, label=method)
+        ax.axhline(1.0, color="k", lw=0.7, ls="--")
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels([f"{m} {p} b{b}" for m, p, b in cases], rotation=75, fontsize=7)
+        ax.set_title(f"{level} of dense MACs", fontsize=9)
+    axes[0].set_ylabel("speed-up / MACs reduction")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"CPU latency, each side on its fastest backend ({result['machine']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown(result: dict) -> str:
     lines = [f"Measured {result['date']}, {result['machine']}, torch {result['torch']}: `{result['command']}`.", "",
              "Each side on its fastest backend:", "",
@@ -300,9 +331,10 @@ def markdown(result: dict) -> str:
                   for q in sorted(decode, key=lambda q: (q["batch"], q["level"] != "50%", q["method"]))]
     budgets = result.get("latency_budget_points", [])
     if budgets:
-        lines += ["", f"Latency budgets (`prune(latency_budget=B)`, per-layer times measured here, eager; "
-                  f"`{result.get('latency_budget_command')}`): measured latency ratio of the shipped model, "
-                  "target within +-10% of B:", "",
+        lines += ["", "Latency budgets (`prune(latency_budget=B)`: per-layer times measured here, checked on the "
+                  "whole model; eager; `deploy.py --latency-budgets B --budget-batch N`, the commands in the JSON): "
+                  "measured latency ratio of the shipped model against the dense model as built, target within "
+                  "+-10% of B:", "",
                   "| model | batch | budget | measured latency ratio (dense ms) | MACs ratio | within 10% | prune s |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {q['model']} | {q['batch']} | {q['latency_budget']:.2f} | {q['latency_ratio']:.3f} "
