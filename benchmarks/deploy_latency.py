@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import svdtrain
-from compare import load_points  # benchmarks/ is on sys.path when run as a script
+from compare_report import read_points  # benchmarks/ is on sys.path when run as a script
 from svdtrain.models import build_model
 
 HERE = Path(__file__).resolve().parent
@@ -101,7 +101,9 @@ def runs(specs: list[str], seed: int) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=str(HERE / "work" / "scratch"))
+    p.add_argument("--work", default=str(HERE / "work" / "scratch"), help="compare.py's work directory (its dense_s<seed>)")
+    p.add_argument("--record", default=str(HERE / "results" / "compare_cifar10_points"),
+                   help="compare.py's record of points, whose run directories (under --work) are timed")
     p.add_argument("--seed", type=int, default=0, help="whose points to time")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--threads", type=int, default=2)
@@ -109,7 +111,7 @@ def main(argv=None):
     p.add_argument("--reps-b128", type=int, default=10, help="repetitions at batch 128")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", nargs="+", metavar="NAME=DIR", help="time these run directories (svdtrain run or "
-                   "compare.py points: compact.pt2, summary.json) instead of --work's points")
+                   "compare.py points: compact.pt2, summary.json) instead of --record's points")
     p.add_argument("--dense", help="with --runs: the dense run directory (its compact.pt2)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -118,7 +120,8 @@ def main(argv=None):
         raise SystemExit(f"no dense model in {dense_run}: run benchmarks/compare.py --regime scratch first")
     dense = {"macs": json.loads((dense_run / "summary.json").read_text())["macs"], "compact": str(dense_run / "compact.pt2")}
     points = runs(args.runs, args.seed) if args.runs else [
-        pt for pt in load_points(Path(args.work)) if pt["seed"] == args.seed and (Path(pt["run_dir"]) / "compact.pt2").is_file()]
+        pt for pt in read_points(sorted(Path(args.record).glob("*.json")))
+        if pt["seed"] == args.seed and (Path(pt["run_dir"]) / "compact.pt2").is_file()]
     for pt in points:
         pt["compact"] = str(Path(pt["run_dir"]) / "compact.pt2")
 
