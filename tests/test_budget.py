@@ -119,11 +119,11 @@ def test_gradual_masking_follows_the_schedule_and_keeps_masked_values_at_zero():
 
 
 def test_a_latency_target_runs_through_the_pipeline_and_reports_the_measured_latency(tmp_path):
-    out, res = _run(tmp_path, "epochs.orth=0", "epochs.train=1", "epochs.finetune=0", "regularizer.target_latency=0.6",
+    out, res = _run(tmp_path, "epochs.orth=0", "epochs.train=1", "epochs.finetune=0", "regularizer.target_latency=0.9",
                     "prune.gradual=true", "export.batch=4")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["latency_budget"] == 0.6 and summary["latency_batch"] == 4 and summary["latency_ratio"] > 0
-    assert "budget 60.0%" in (out / "report.md").read_text()
+    assert summary["latency_budget"] == 0.9 and summary["latency_batch"] == 4 and summary["latency_ratio"] > 0
+    assert "budget 90.0%" in (out / "report.md").read_text()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["stage"] == "train"]
     assert train and all(0 < r["latency_at_threshold"] <= 1.0 and "latency_schedule" in r for r in train)

@@ -108,7 +108,8 @@ class BudgetController:
     """
 
     def __init__(self, model: nn.Module, reg: Regularizer, target_macs: float | None = None, input_shape=None,
-                 total_steps: int | None = None, *, target_latency: float | None = None, timer=None, target_at: float = 0.5, keep_energy: float = 0.9999, every: int | None = None, gain: float = 0.5,
+                 total_steps: int | None = None, *, target_latency: float | None = None, timer=None,
+                 target_at: float = 0.5, keep_energy: float = 0.9999, every: int | None = None, gain: float = 0.5,
                  horizon: int = 5, relax: float = 4.0, mask: bool = False, optimizer=None, example_inputs=None,
                  min_strength: float = 1e-6, max_strength: float = 10.0, tolerance: float = 0.03,
                  score: str = "energy", round_to: int = 1, schedule=None):

@@ -40,16 +40,21 @@ def wall_time(module: nn.Module, inputs: tuple, reps: int = 7) -> float:
     return statistics.median(times)
 
 
-def measured_latency_ratio(model: nn.Module, compact: nn.Module, input_shape, reps: int = 9) -> float:
-    """Wall time of `compact` (the export of `model`) over that of `model` exported with every
-    SVD layer dense, on zeros of `input_shape` here: the median of interleaved single runs."""
+def dense_export(model: nn.Module, inputs: tuple) -> nn.Module:
+    """The model exported with every SVD layer in its dense form (the baseline latency is taken of)."""
     from .export import export
     dense = copy.deepcopy(unwrap(model))
     for _, layer in svd_layers(dense):
         layer.set_form("dense")
+    return export(dense, example_inputs=inputs).eval()
+
+
+def measured_latency_ratio(model: nn.Module, compact: nn.Module, input_shape, reps: int = 9) -> float:
+    """Wall time of `compact` (the export of `model`) over that of `model` exported with every
+    SVD layer dense, on zeros of `input_shape` here: the median of interleaved single runs."""
     p = next(model.parameters())
     x = torch.zeros(tuple(input_shape), device=p.device, dtype=p.dtype)
-    dense = export(dense, example_inputs=(x,)).eval()
+    dense = dense_export(model, (x,))
     ratios = []
     with torch.inference_mode():
         compact(x), dense(x)  # warm-up
@@ -101,7 +106,6 @@ class LatencyTable:
 
     def __init__(self, model: nn.Module, input_shape=None, example_inputs=None, round_to: int = 1,
                  timer: Callable = wall_time):
-        from .export import export
         inputs = as_inputs(model, input_shape, example_inputs)
         profile(model, example_inputs=inputs)  # each plan records its calls' input sizes
         self.names = {id(m): n for n, m in svd_layers(model)}
@@ -113,10 +117,7 @@ class LatencyTable:
         # stream is left as it was, so a training run does not depend on whether it was timed.
         with torch.random.fork_rng(devices=[p.device.index or 0] if p.is_cuda else []):
             self.times = {key: layer_times(layer, timer, round_to) for key, layer in self.layers.items()}
-            dense = copy.deepcopy(unwrap(model))
-            for _, layer in svd_layers(dense):
-                layer.set_form("dense")
-            self.dense_seconds = timer(export(dense, example_inputs=inputs), inputs)
+            self.dense_seconds = timer(dense_export(model, inputs), inputs)
         self.fixed = max(0.0, self.dense_seconds - sum(d for d, _ in self.times.values()))
         self.inputs, self.timer = inputs, timer
 
