@@ -79,6 +79,8 @@ def method_settings(args, method: str) -> dict:
         own["recalibrate"] = args.recalibrate
     if method in whitened(args):
         own.update(calibration=args.calibration, whiten=args.whiten)
+        if method == "svd_training" and args.orth_metric != "activation":  # earlier points: activation, unrecorded
+            own["orth_metric"] = args.orth_metric
     return own
 
 
@@ -91,8 +93,8 @@ def whitened(args) -> tuple[str, ...]:
 
 
 def calibration_overrides(args, method: str) -> list[str]:
-    return [f"decompose.calibration={args.calibration}", f"decompose.whiten={args.whiten}"] \
-        if method in whitened(args) else []
+    return [f"decompose.calibration={args.calibration}", f"decompose.whiten={args.whiten}",
+            f"decompose.orth_metric={args.orth_metric}"] if method in whitened(args) else []
 
 
 def budget_of(args) -> dict:
@@ -169,6 +171,9 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                         "whitened on N training batches (decompose.calibration)")
     p.add_argument("--whiten", choices=("cholesky", "diag"), default="cholesky",
                    help="with --calibration: SVD-LLM's Cholesky whitening or ASVD's diagonal scaling")
+    p.add_argument("--orth-metric", choices=("activation", "plain"), default="activation",
+                   help="with --calibration: SVD training's orthogonality of the whitened V in the activation "
+                        "metric (V^T C V = I) or plain (V^T V = I)")
     p.add_argument("--rank-score", choices=("energy", "loss"), default="energy",
                    help="svd_training, posthoc_svd and trp: rank singular values by energy share or loss importance")
     p.add_argument("--method-rank-score", nargs="+", default=[], metavar="METHOD=RULE",

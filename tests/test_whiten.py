@@ -151,6 +151,10 @@ def test_the_pipeline_whitens_on_its_first_training_batches(tmp_path):
         assert torch.allclose(model(x[:4].float()), dense(x[:4].float()), atol=1e-3)
     plain = build_run_model(load_config(None, over), data)
     assert not torch.allclose(plain.conv1.s, model.conv1.s, rtol=1e-2)
+    # orth_metric=plain: the same whitened factors, their orthogonality measured as V^T V = I
+    flat = build_run_model(load_config(None, over + ["decompose.calibration=2", "decompose.orth_metric=plain"]), data)
+    assert torch.equal(flat.conv1.V, model.conv1.V)
+    assert svdtrain.orthogonality_loss(model).item() < 1e-3 < svdtrain.orthogonality_loss(flat).item()
     with pytest.raises(ConfigError, match="decompose.init=svd"):
         load_config(None, [f"data_dir={tmp_path}", "decompose.calibration=2"])
 

@@ -21,9 +21,12 @@ DEFAULTS: dict = {
         "dense_checkpoint": "",   # state_dict file of the dense model (or a dense run's checkpoint.pt), for init: svd
         # init: svd, activation-aware (whiten.py): > 0 factors W·S, S from each layer's inputs on
         # this many training batches (whiten: cholesky as SVD-LLM, diag as ASVD), so that the
-        # singular values rank directions by output error; channel mode only
+        # singular values rank directions by output error; channel mode only. orth_metric: how the
+        # orthogonality term measures a whitened V: "activation" (V^T C V = I, C the inputs'
+        # second moment, which the whitened start satisfies) or "plain" (V^T V = I)
         "calibration": 0,
         "whiten": "cholesky",
+        "orth_metric": "activation",
         "skip": [],               # qualified layer names left dense
     },
     # target_macs > 0: the sparsity strength is steered (from `strength`) so that the MACs
@@ -85,6 +88,7 @@ CHOICES = {
     "prune.score": ("energy", "loss"),
     "decompose.init": ("random", "random_scaled", "dense_init", "svd"),
     "decompose.whiten": ("cholesky", "diag"),
+    "decompose.orth_metric": ("activation", "plain"),
     "regularizer.sparsity": ("hoyer", "hoyer_square", "l1", "none"),
     "optim.name": ("sgd", "adam", "adamw"),
     "optim.schedule": ("onecycle", "cosine", "step", "constant"),

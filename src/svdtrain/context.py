@@ -63,6 +63,9 @@ def build_run_model(cfg: dict, data, fresh: bool = True) -> nn.Module:
                   input_shape=input_shape(data) if fresh else None,
                   calibration=calibration_batches(cfg, data) if fresh and d["calibration"] else None,
                   whiten=d["whiten"])
+        if d["orth_metric"] == "plain":  # orthogonality of V itself, not in the activation metric
+            for _, layer in svd_layers(model):
+                layer.set_metric(None)
     return model
 
 
