@@ -61,9 +61,9 @@ from svdtrain.context import run_dataset
 from svdtrain.train import Run
 
 # benchmarks/ is on sys.path when run as a script
-from compare_report import write_results
+from compare_report import start_of, write_results
 from compare_settings import (HERE, LEVELS, SVD_CONFIGS, budget_of, calibration_overrides, lr_overrides,
-                              method_settings, parse_args, rank_score, record_dir)
+                              method_settings, parse_args, rank_score, record_dir, whitened)
 
 CONFIG = HERE.parent / "configs" / "cifar10_resnet20.yaml"
 DENSE_RUN = HERE / "results" / "pretrained_dense"  # the dense model the pretrained regime starts from
@@ -149,7 +149,10 @@ def restore_dense(dense: Path, args) -> None:
 
 
 def point_file(args, method: str, level: str, seed: int) -> Path:
-    return record_dir(args) / f"{method}_{level.rstrip('%')}_s{seed}.json"
+    """A point's file in the record; an activation-aware start is a point of its own (the plain
+    start's stays beside it)."""
+    start = f"_{args.whiten}" if method in whitened(args) else ""
+    return record_dir(args) / f"{method}{start}_{level.rstrip('%')}_s{seed}.json"
 
 
 def accuracies(model, data, cfg) -> dict:
@@ -280,7 +283,8 @@ def run_point(args, work: Path, data, method: str, level: str, seed: int) -> Non
         from_dense = not scratch or method == "filter_pruning_l1"
         point = loop_point(out, data, compress_config(args, seed, *lr_overrides(args, method)), budget, method, args,
                            dense_state if from_dense else None)
-    point.update(method=method, level=level, seed=seed, regime=args.regime, settings=settings, run_dir=str(out),
+    point.update(method=method, level=level, seed=seed, regime=args.regime, settings=settings,
+                 start=start_of({"method": method, "settings": settings}), run_dir=str(out),
                  date=datetime.date.today().isoformat())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(point, indent=1) + "\n")

@@ -24,22 +24,38 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f}{std}"
 
 
+def start_of(point: dict) -> str:
+    """What a point's compression starts from: the plain SVD of the model, its activation-aware
+    (whitened) SVD, SVD training's own init from scratch, or '-' (the baselines' dense model)."""
+    s = point.get("settings", {})
+    if s.get("calibration"):
+        return f"whitened SVD ({s.get('whiten', 'cholesky')}, {s['calibration']} batches)"
+    if point["method"] == "svd_training" and s.get("init", "svd") != "svd":
+        return f"{s['init']} init"
+    return "SVD" if point["method"] in ("svd_training", "posthoc_svd") else "-"
+
+
 def summary_table(points: list[dict], dense: dict, regime: str, levels, methods) -> list[str]:
-    """One row per level and method: test and validation mean ± std over seeds, n, MACs, and the
-    accuracy right after the cut to the level (before fine-tuning)."""
+    """One row per level, method and start: test and validation mean ± std over seeds, n, MACs,
+    and the accuracy right after the cut to the level (before fine-tuning; "(r)" where BatchNorm
+    statistics were re-estimated after the cut)."""
     lines = [f"Dense ResNet-20 ({dense['epochs']} epochs, n={dense['n']}): test {100 * dense['accuracy']:.2f}%, "
              f"{dense['macs'] / 1e6:.2f}M MACs. Regime: {regime}.", "",
-             "| level | method | n | test top-1 (mean ± std) | val top-1 (mean ± std) | % of dense MACs | before fine-tune |",
-             "|---|---|---|---|---|---|---|"]
+             "| level | method | start | n | test top-1 (mean ± std) | val top-1 (mean ± std) | % of dense MACs "
+             "| before fine-tune |", "|---|---|---|---|---|---|---|---|"]
     for level in levels:
         for method in methods:
-            ps = [p for p in points if p["level"] == level and p["method"] == method]
-            if not ps:
-                continue
-            before = statistics.mean(100 * p["accuracy_before_finetune"] for p in ps)
-            lines.append(f"| {level} | {method} | {len(ps)} | {mean_std([100 * p['accuracy'] for p in ps])} "
-                         f"| {mean_std([100 * p['val_accuracy'] for p in ps])} "
-                         f"| {100 * statistics.mean(p['macs'] for p in ps) / dense['macs']:.1f}% | {before:.2f} |")
+            mine = [p for p in points if p["level"] == level and p["method"] == method]
+            for start in sorted({start_of(p) for p in mine}):
+                ps = [p for p in mine if start_of(p) == start]
+                before = statistics.mean(100 * p["accuracy_before_finetune"] for p in ps)
+                mark = " (r)" if all(p["settings"].get("recalibrate") for p in ps) else ""
+                lines.append(f"| {level} | {method} | {start} | {len(ps)} | {mean_std([100 * p['accuracy'] for p in ps])} "
+                             f"| {mean_std([100 * p['val_accuracy'] for p in ps])} "
+                             f"| {100 * statistics.mean(p['macs'] for p in ps) / dense['macs']:.1f}% | {before:.2f}{mark} |")
+    if recal := sorted({p["settings"]["recalibrate"] for p in points if p.get("settings", {}).get("recalibrate")}):
+        lines += ["", f"(r): BatchNorm statistics re-estimated on {' / '.join(map(str, recal))} training batches "
+                      "right after the cut (no gradient); unmarked: the uncut model's statistics."]
     own = [f"{m} {label} {value}" for m in methods for key, label in (("lr", "lr"), ("rank_score", "rank score"))
            for value in sorted({p["settings"][key] for p in points if p["method"] == m and key in p.get("settings", {})})]
     if own:
@@ -56,13 +72,13 @@ def stages_table(points: list[dict]) -> list[str]:
     """Budget-driven SVD training through its stages, one row per point: the MACs pruning would
     keep at keep_energy when training ends (against the level asked for), then test accuracy after
     training, right after pruning and after fine-tuning, and the final validation accuracy."""
-    lines = ["| level | init | seed | MACs at keep_energy after training | after training | right after pruning "
+    lines = ["| level | start | seed | MACs at keep_energy after training | after training | right after pruning "
              "| final (test) | final (val) |", "|---|---|---|---|---|---|---|---|"]
     ordered = sorted((p for p in points if p["method"] == "svd_training"),
-                     key=lambda p: (-float(p["level"].rstrip("%")), p["settings"]["init"], p["seed"]))
+                     key=lambda p: (-float(p["level"].rstrip("%")), start_of(p), p["seed"]))
     for p in ordered:
         at = p.get("macs_at_threshold_trained")
-        lines.append(f"| {p['level']} | {p['settings']['init']} | {p['seed']} | "
+        lines.append(f"| {p['level']} | {start_of(p)} | {p['seed']} | "
                      f"{'-' if at is None else f'{100 * at:.1f}%'} | {100 * p['accuracy_trained']:.2f} "
                      f"| {100 * p['accuracy_before_finetune']:.2f} | {100 * p['accuracy']:.2f} "
                      f"| {100 * p['val_accuracy']:.2f} |")
@@ -155,7 +171,7 @@ def write_results(args) -> None:
         "points": [{k: p.get(k) for k in ("method", "level", "seed", "macs", "accuracy", "val_accuracy",
                                           "accuracy_trained", "accuracy_before_finetune", "macs_at_threshold_trained",
                                           "params", "settings", "date",
-                                          "budget_warning", "seconds")} for p in points],
+                                          "budget_warning", "seconds")} | {"start": start_of(p)} for p in points],
         "machine": (torch.cuda.get_device_name() if args.device == "cuda" else
                     f"{platform.machine()}, {args.threads} CPU threads") + f", torch {torch.__version__}",
         "date": measured_on(points, previous),

@@ -60,7 +60,7 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
     assert (out / f"{name}.png").is_file()
     if regime == "scratch":
         assert result["earlier"]["points"] == [{"method": "svd_training", "hoyer": 0.01}]
-        assert "| 50% | random_scaled | 0 |" in (out / "compare_cifar10.md").read_text()  # the stages table
+        assert "| 50% | random_scaled init | 0 |" in (out / "compare_cifar10.md").read_text()  # the stages table
         assert next(p for p in result["points"] if p["method"] == "svd_training")["settings"]["init"] == "random_scaled"
     # A rerun finds every point done and rebuilds the same table (and keeps "earlier").
     before = (out / f"{name}.md").read_text()
@@ -83,6 +83,17 @@ def test_every_method_gives_a_point_at_the_level(tmp_path, regime):
         assert res.returncode == 0, res.stderr[-3000:]
         seeds = [p["seed"] for p in json.loads((out / f"{name}.json").read_text())["points"]]
         assert sorted(seeds) == [0] * 5 + [1] and not list((tmp_path / "work").glob("dense_s*"))
+        # An activation-aware start is a point of its own beside the plain one, its start and
+        # its recalibrated right-after-cut figure marked in the table.
+        res = subprocess.run(args + ["--methods", "posthoc_svd", "--calibration", "2", "--recalibrate", "2"],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert (out / f"{name}_points" / "posthoc_svd_cholesky_50_s0.json").is_file()
+        starts = {p["start"] for p in json.loads((out / f"{name}.json").read_text())["points"]
+                  if p["method"] == "posthoc_svd"}
+        assert starts == {"SVD", "whitened SVD (cholesky, 2 batches)"}
+        rows = [r for r in (out / f"{name}.md").read_text().splitlines() if r.startswith("| 50% | posthoc_svd |")]
+        assert len(rows) == 2 and rows[1].startswith("| 50% | posthoc_svd | whitened SVD") and rows[1].endswith("(r) |")
     # The points record beside the results rebuilds them alone, on a machine without the run directories.
     shutil.rmtree(tmp_path / "work")
     table = (out / f"{name}.md").read_text()
