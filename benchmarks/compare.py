@@ -73,8 +73,9 @@ SHAPE = (1, 3, 32, 32)
 def base(args, seed: int, *overrides: str, config: Path = CONFIG) -> dict:
     """The run config shared by every method (the scratch regime's training recipe; SVD
     training's: its regime's shipped config)."""
-    return load_config(config, [f"val_size={args.val_size}", f"data_dir={args.data_dir}", f"threads={args.threads}",
-                                f"device={args.device}", f"seed={seed}", "epochs.orth=0", "regularizer.target_macs=0", "prune.gradual=false",
+    machine = [f"val_size={args.val_size}", f"data_dir={args.data_dir}", f"threads={args.threads}",
+               f"device={args.device}", *([f"compile={args.compile}"] if args.compile else [])]
+    return load_config(config, [*machine, f"seed={seed}", "epochs.orth=0", "regularizer.target_macs=0", "prune.gradual=false",
                                 f"epochs.finetune={args.finetune_epochs}", f"optim.finetune_lr={args.finetune_lr}",
                                 *overrides])
 

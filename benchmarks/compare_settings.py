@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 # that default to None are read from it.
 SVD_CONFIGS = {"scratch": HERE.parent / "configs" / "cifar10_resnet20.yaml",
                "pretrained": HERE.parent / "configs" / "cifar10_resnet20_compress.yaml"}
-POINT_KEYS = {"seed", "val_size", "data_dir", "threads", "device", "regularizer.target_macs",
+POINT_KEYS = {"seed", "val_size", "data_dir", "threads", "device", "compile", "regularizer.target_macs",
               "decompose.dense_checkpoint"}  # what a point sets on top of its shipped config
 LEVELS = {"50%": 0.50, "33%": 0.33, "25%": 0.25}
 METHODS = ("svd_training", "posthoc_svd", "filter_pruning", "filter_pruning_l1", "trp")
@@ -182,6 +182,8 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     p.add_argument("--trp-energy", type=float, default=0.98)
     p.add_argument("--trp-nuclear", type=float, default=3e-4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", choices=("inductor",), default=None,
+                   help="train the pipeline's runs compiled (the config's compile key; faster, same recipe)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)

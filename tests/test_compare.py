@@ -124,6 +124,8 @@ def test_svd_training_points_run_the_shipped_config(regime, tmp_path, monkeypatc
     keys, point = differences()
     assert keys <= compare_settings.POINT_KEYS
     assert point["regularizer.target_macs"] == 0.25 and point["seed"] == 2
+    keys, point = differences("--compile", "inductor")  # a machine key: the same recipe, compiled
+    assert "compile" in keys and keys <= compare_settings.POINT_KEYS and point["compile"] == "inductor"
     keys, point = differences("--target-at", "0.7", "--no-gradual")
     assert keys - compare_settings.POINT_KEYS == {"regularizer.target_at", "prune.gradual"}
     # an activation-aware start whitens the SVD of a trained model; from scratch there is none
