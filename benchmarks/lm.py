@@ -21,7 +21,9 @@ Budget: prune(macs_budget=b) cuts whole-model MACs; b is set so that the decompo
 (= their parameters per token) land at the level, and each point records params_ratio (deployed
 parameters of the decomposable layers / dense, by the layers' plans, as export ships them) and
 macs_ratio (whole-model MACs / dense, lm_head and attention products included). Points already in
-the JSON are skipped (a point recorded as skipped is tried again); a changed setting is refused.
+the JSON are skipped (a point recorded as skipped is tried again); a changed setting is refused. The
+dense model in --work is refused only for a change of its own settings (width, steps, lr...): another
+compression setting (e.g. --orth-probes 0) runs with another --out beside the same dense model.
 """
 from __future__ import annotations
 
@@ -85,8 +87,11 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def settings(args) -> dict:
-    return {k: getattr(args, k) for k in SHARED}
+DENSE = SHARED[:SHARED.index("finetune_lr")] + ("seed",)  # what the dense model depends on
+
+
+def settings(args, keys=SHARED) -> dict:
+    return {k: getattr(args, k) for k in keys}
 
 
 def new_model(args):
@@ -106,13 +111,13 @@ def dense_stage(args, data) -> torch.nn.Module:
     model = new_model(args)
     if final.exists():
         state = torch.load(final, map_location=args.device)
-        check_settings(state["settings"], settings(args), final)
+        check_settings(state["settings"], settings(args, DENSE), final)
         model.load_state_dict(state["model"])
         return model
     opt, gen, start = adamw(model, args.lr, args), torch.Generator().manual_seed(args.seed), 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=args.device, weights_only=False)
-        check_settings(state["settings"], settings(args), ckpt)
+        check_settings(state["settings"], settings(args, DENSE), ckpt)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])

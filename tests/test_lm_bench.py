@@ -127,3 +127,8 @@ def test_dense_resume_equals_uninterrupted(run, tmp_path):
     resumed = lm.dense_stage(lm.parse(common + ["--work", str(tmp_path / "b")]), data)
     for (n, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
+    # Another compression setting shares the dense model; another dense setting does not.
+    shared = lm.dense_stage(lm.parse(common + ["--work", str(tmp_path / "a"), "--orth-probes", "0"]), data)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), shared.state_dict().values()))
+    with pytest.raises(SystemExit, match="other settings"):
+        lm.dense_stage(lm.parse(common + ["--work", str(tmp_path / "a"), "--lr", "0.01"]), data)
