@@ -152,7 +152,7 @@ def restore_dense(dense: Path, args) -> None:
 def point_file(args, method: str, level: str, seed: int) -> Path:
     """A point's file in the record; an activation-aware start is a point of its own (the plain
     start's stays beside it)."""
-    start = f"_{args.whiten}" if method in whitened(args) else ""
+    start = f"_{args.whiten}{'_unwhitened' if args.unwhiten else ''}" if method in whitened(args) else ""
     return record_dir(args) / f"{method}{start}_{level.rstrip('%')}_s{seed}.json"
 
 

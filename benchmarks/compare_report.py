@@ -29,7 +29,8 @@ def start_of(point: dict) -> str:
     (whitened) SVD, SVD training's own init from scratch, or '-' (the baselines' dense model)."""
     s = point.get("settings", {})
     if s.get("calibration"):
-        return f"whitened SVD ({s.get('whiten', 'cholesky')}, {s['calibration']} batches)"
+        plain = ", plain SVD once the ranks are final" if s.get("unwhiten") else ""
+        return f"whitened SVD ({s.get('whiten', 'cholesky')}, {s['calibration']} batches{plain})"
     if point["method"] == "svd_training" and s.get("init", "svd") != "svd":
         return f"{s['init']} init"
     return "SVD" if point["method"] in ("svd_training", "posthoc_svd") else "-"

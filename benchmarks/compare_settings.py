@@ -81,6 +81,8 @@ def method_settings(args, method: str) -> dict:
         own.update(calibration=args.calibration, whiten=args.whiten)
         if method == "svd_training" and args.orth_metric != "activation":  # earlier points: activation, unrecorded
             own["orth_metric"] = args.orth_metric
+        if args.unwhiten:
+            own["unwhiten"] = True
     return own
 
 
@@ -94,7 +96,8 @@ def whitened(args) -> tuple[str, ...]:
 
 def calibration_overrides(args, method: str) -> list[str]:
     return [f"decompose.calibration={args.calibration}", f"decompose.whiten={args.whiten}",
-            f"decompose.orth_metric={args.orth_metric}"] if method in whitened(args) else []
+            f"decompose.orth_metric={args.orth_metric}", f"prune.unwhiten={str(args.unwhiten).lower()}"] \
+        if method in whitened(args) else []
 
 
 def budget_of(args) -> dict:
@@ -174,6 +177,9 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     p.add_argument("--orth-metric", choices=("activation", "plain"), default="activation",
                    help="with --calibration: SVD training's orthogonality of the whitened V in the activation "
                         "metric (V^T C V = I) or plain (V^T V = I)")
+    p.add_argument("--unwhiten", action="store_true",
+                   help="with --calibration: once the ranks are final, re-factor the whitened layers as plain SVDs "
+                        "(prune.unwhiten)")
     p.add_argument("--rank-score", choices=("energy", "loss"), default="energy",
                    help="svd_training, posthoc_svd and trp: rank singular values by energy share or loss importance")
     p.add_argument("--method-rank-score", nargs="+", default=[], metavar="METHOD=RULE",

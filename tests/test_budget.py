@@ -109,7 +109,9 @@ def test_gradual_masking_follows_the_schedule_and_keeps_masked_values_at_zero():
     model = svdtrain.decompose(TinyResNet(), init="random")
     reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.01)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    ctrl = BudgetController(model, reg, 0.4, SHAPE, total_steps=20, every=2, target_at=0.5, mask=True, optimizer=opt)
+    final = []  # the steps on_final was called at: once, when the ramp's ranks are final
+    ctrl = BudgetController(model, reg, 0.4, SHAPE, total_steps=20, every=2, target_at=0.5, mask=True, optimizer=opt,
+                            on_final=lambda: final.append(ctrl.steps))
     dense = svdtrain.count_macs(model, SHAPE, cost="dense")
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
     for step in range(1, 21):
@@ -120,6 +122,7 @@ def test_gradual_masking_follows_the_schedule_and_keeps_masked_values_at_zero():
         ctrl.step()
         if step % 2 == 0:
             assert svdtrain.count_macs(model, SHAPE) <= ctrl.schedule(step) * dense + 1
+    assert final == [10]  # target_at 0.5 of 20 steps
     assert svdtrain.count_macs(model, SHAPE) <= 0.4 * dense
     for _, layer in svdtrain.svd_layers(model):
         assert torch.all(layer.s.detach()[~layer.active] == 0)

@@ -131,6 +131,9 @@ def test_svd_training_points_run_the_shipped_config(regime, tmp_path, monkeypatc
     # an activation-aware start whitens the SVD of a trained model; from scratch there is none
     keys, point = differences("--calibration", "4")
     assert keys - compare_settings.POINT_KEYS == ({"decompose.calibration"} if regime == "pretrained" else set())
+    keys, point = differences("--calibration", "4", "--unwhiten")  # plain factors once the ranks are final
+    assert keys - compare_settings.POINT_KEYS == ({"decompose.calibration", "prune.unwhiten"}
+                                                  if regime == "pretrained" else set())
 
 
 def test_scratch_svd_training_alone_needs_no_dense_model(tmp_path):

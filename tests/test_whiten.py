@@ -159,6 +159,16 @@ def test_the_pipeline_whitens_on_its_first_training_batches(tmp_path):
         load_config(None, [f"data_dir={tmp_path}", "decompose.calibration=2"])
 
 
+def plain_orthogonality(model) -> float:
+    """The plain term, sum over layers of (||U^T U - I||^2 + ||V^T V - I||^2) / r^2, computed here."""
+    total = 0.0
+    for _, layer in svdtrain.svd_layers(model):
+        u, _, v = (f.detach().double() for f in layer.factors())
+        eye = torch.eye(v.shape[1], dtype=torch.float64)
+        total += ((v.T @ v - eye).pow(2).sum() + (u.T @ u - eye).pow(2).sum()).item() / v.shape[1] ** 2
+    return total
+
+
 @pytest.mark.parametrize("whiten", ["cholesky", "diag"])
 def test_orthogonality_is_kept_in_the_activation_metric(whiten):
     """A whitened V is orthonormal in the input metric: the orthogonality term (V^T C V = I)
@@ -168,12 +178,7 @@ def test_orthogonality_is_kept_in_the_activation_metric(whiten):
     x = torch.randn(16, 3, 16, 16)
     svd = svdtrain.decompose(copy.deepcopy(model), init="svd", calibration=[x], whiten=whiten)
     assert svdtrain.orthogonality_loss(svd).item() < 1e-3
-    plain_terms = 0.0
-    for _, layer in svdtrain.svd_layers(svd):
-        u, _, v = (f.detach().double() for f in layer.factors())
-        eye = torch.eye(v.shape[1], dtype=torch.float64)
-        plain_terms += ((v.T @ v - eye).pow(2).sum() + (u.T @ u - eye).pow(2).sum()).item() / v.shape[1] ** 2
-    assert plain_terms > 1.0
+    assert plain_orthogonality(svd) > 1.0
     fresh = svdtrain.decompose(copy.deepcopy(model), init="random")
     fresh.load_state_dict(svd.state_dict())
     assert svdtrain.orthogonality_loss(fresh).item() == pytest.approx(svdtrain.orthogonality_loss(svd).item())
@@ -192,3 +197,62 @@ def test_a_rank_deficient_input_moment_still_factors():
     svd = svdtrain.decompose(copy.deepcopy(model), init="svd", calibration=batches)
     with torch.no_grad():
         assert torch.allclose(svd(emb), model(emb), atol=1e-3)
+
+
+def test_unwhiten_keeps_the_cut_model_and_makes_its_factors_plain():
+    """After a cut, unwhiten re-factors each whitened layer at its rank as the plain SVD of the
+    same matrix: outputs unchanged, U and V orthonormal (the plain term at ~0), singular values
+    those of the cut matrix, the metric and the factors' optimizer state gone."""
+    torch.manual_seed(0)
+    model = randomize_bn(TinyResNet()).eval()
+    x = torch.randn(16, 3, 16, 16)
+    svd = svdtrain.decompose(copy.deepcopy(model), init="svd", calibration=[x])
+    svdtrain.prune(svd, macs_budget=0.5, input_shape=(1, 3, 16, 16))
+    opt = torch.optim.SGD(svd.parameters(), lr=0.01, momentum=0.9)
+    svd(x).square().mean().backward()
+    opt.step()  # momentum buffers for every factor
+    layers = dict(svdtrain.svd_layers(svd))
+    cut = {name: layer.matrix().detach().double() for name, layer in layers.items()}
+    with torch.no_grad():
+        before = svd(x)
+    assert plain_orthogonality(svd) > 1.0
+    assert svdtrain.unwhiten(svd, opt) == len(layers)
+    with torch.no_grad():
+        assert torch.allclose(svd(x), before, atol=1e-4)
+    assert plain_orthogonality(svd) < 1e-8 and svdtrain.orthogonality_loss(svd).item() < 1e-6
+    for name, layer in layers.items():
+        assert getattr(layer, "metric", None) is None
+        _, s, _ = layer.factors()
+        want = torch.linalg.svdvals(cut[name])[:layer.rank]
+        assert torch.allclose(s.detach().double(), want, rtol=1e-4, atol=1e-6), name
+        assert all(opt.state[p]["momentum_buffer"].abs().sum() == 0 for p in (layer.U, layer.s, layer.V))
+    assert svdtrain.unwhiten(svd, opt) == 0  # nothing whitened is left
+
+
+def test_the_pipeline_unwhitens_when_the_gradual_masks_end(tmp_path, monkeypatch):
+    """prune.unwhiten with gradual masks: the layers are re-factored when the ramp ends (the
+    prune stage's call finds nothing left to do) and the run's model ends unwhitened at the
+    budget; without it the whitened layers keep their metric."""
+    import svdtrain.stages
+    calls = []
+    monkeypatch.setattr(svdtrain.stages, "unwhiten", lambda *a: calls.append(svdtrain.unwhiten(*a)) or calls[-1])
+    import json
+    from svdtrain.data import write_fake_cifar
+    from svdtrain.models import build_model
+    from svdtrain.train import Run
+    from svdtrain.config import load_config
+    write_fake_cifar(tmp_path / "data", n_train=96, n_test=32)
+    torch.manual_seed(0)
+    torch.save(build_model("resnet20", 10).state_dict(), tmp_path / "dense.pt")
+    over = [f"data_dir={tmp_path / 'data'}", "model=resnet20", "decompose.init=svd", "batch_size=16",
+            f"decompose.dense_checkpoint={tmp_path / 'dense.pt'}", "decompose.calibration=2", "epochs.train=1", "optim.lr=0.001",
+            "epochs.finetune=0", "regularizer.target_macs=0.5", "regularizer.target_at=0.5", "prune.gradual=true"]
+    for unwhiten in (True, False):
+        calls.clear()
+        out = tmp_path / f"run_{unwhiten}"
+        Run(out, load_config(None, over + [f"prune.unwhiten={str(unwhiten).lower()}"]), quiet=True).execute()
+        state = torch.load(out / "model_state.pt", weights_only=True)
+        assert any(k.endswith(".metric") for k in state) != unwhiten
+        layers = sum(k.endswith(".active") for k in state)
+        assert calls == ([layers, 0] if unwhiten else [])  # every layer at the ramp's end, none left to the cut
+        assert json.loads((out / "summary.json").read_text())["macs_ratio"] <= 0.5 + 1e-6

@@ -19,6 +19,7 @@ from .losses import Regularizer, orthogonality_loss, param_groups, sparsity_loss
 from .macs import count_macs, count_params
 from .pretrained import from_pretrained, save_pretrained
 from .prune import prune, ranks, set_ranks
+from .whiten import unwhiten
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,6 @@ __all__ = [
     "BudgetController", "SVDMultiheadAttention", "decompose", "export", "export_program", "export_onnx", "SVDConv2d", "SVDLayer", "SVDLinear", "svd_layers",
     "Regularizer", "orthogonality_loss", "sparsity_loss", "param_groups", "count_macs",
     "count_params", "prune", "ranks", "set_ranks", "SingularValueImportance", "loss_importance",
-    "EnergyShare", "LinearSchedule", "save_pretrained", "from_pretrained", "recalibrate_batchnorm", "__version__",
+    "EnergyShare", "LinearSchedule", "save_pretrained", "from_pretrained", "recalibrate_batchnorm", "unwhiten",
+    "__version__",
 ]

@@ -95,7 +95,8 @@ class BudgetController:
     `target_latency` instead, the same law steers the model's predicted time on this device (a
     LatencyTable measured once at construction, on `example_inputs` or `input_shape`, with
     `timer`), masks cut with prune's latency_budget rule, and each layer is pinned to the form
-    that was faster at its rank; prune(latency_budget=...) at the end meets it.
+    that was faster at its rank; prune(latency_budget=...) at the end meets it. `on_final()`,
+    if given, is called once when the masks' ranks become final (e.g. `unwhiten`).
 
         reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.005)   # start value
         ctrl = svdtrain.BudgetController(model, reg, target_macs=0.33, input_shape=(1, 3, 32, 32),
@@ -112,7 +113,7 @@ class BudgetController:
                  target_at: float = 0.5, keep_energy: float = 0.9999, every: int | None = None, gain: float = 0.5,
                  horizon: int = 5, relax: float = 4.0, mask: bool = False, optimizer=None, example_inputs=None,
                  min_strength: float = 1e-6, max_strength: float = 10.0, tolerance: float = 0.03,
-                 score: str = "energy", round_to: int = 1, schedule=None):
+                 score: str = "energy", round_to: int = 1, schedule=None, on_final=None):
         if (target_macs is None) == (target_latency is None):
             raise ValueError("give exactly one of target_macs or target_latency")
         kind, target = ("latency", target_latency) if target_macs is None else ("macs", target_macs)
@@ -150,7 +151,7 @@ class BudgetController:
         if self.target < floor:
             raise ValueError(f"target_{kind} {self.target:g} is below the rank-1 floor: rank 1 in every SVD layer "
                              f"keeps {floor:.3f} of dense {self.what}")
-        self.round_to = round_to
+        self.round_to, self.on_final = round_to, on_final
         self._set_masked(mask)
         self.steps, self.start, self.last, self.slope = 0, None, None, 0.0
         if score not in ("energy", "loss"):
@@ -195,6 +196,8 @@ class BudgetController:
             self._set_masked(False)  # ranks are final: the forward runs at them
             if self.table is not None:
                 self.table.pin_forms()  # each layer ships the form that is faster at its rank
+            if self.on_final is not None:
+                self.on_final()
         return self.reg.strength
 
     def _ramp_done(self) -> bool:

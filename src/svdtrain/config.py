@@ -43,9 +43,11 @@ DEFAULTS: dict = {
     # score (under a MACs budget): rank values by energy share, or by loss importance
     # (svdtrain/importance.py; measured on score_batches training batches before a one-shot cut).
     # recalibrate > 0: after the cut, re-estimate BatchNorm statistics on that many training
-    # batches (svdtrain/calibrate.py); the prune metrics then say so.
+    # batches (svdtrain/calibrate.py); the prune metrics then say so. unwhiten (with
+    # decompose.calibration): once the ranks are final (the cut; with gradual, the ramp's end)
+    # re-factor each whitened layer as the plain SVD of its cut matrix (whiten.unwhiten).
     "prune": {"keep_energy": 0.9999, "macs_budget": 0.0, "gradual": False, "score": "energy", "score_batches": 32,
-              "recalibrate": 0},
+              "recalibrate": 0, "unwhiten": False},
     "epochs": {"orth": 0, "train": 10, "finetune": 2},
     # Each SVD layer is exported as its factor pair or one dense layer, whichever has fewer
     # MACs ("macs") or runs faster on this machine, timed at export.batch in the memory
@@ -98,7 +100,7 @@ CHOICES = {
 }
 
 # Which stage first uses a key: a finished stage's keys may not change on resume.
-_KEY_STAGE = {"export.": "export", "prune.gradual": "train", "prune.score": "train", "prune.": "prune", "epochs.finetune": "finetune",
+_KEY_STAGE = {"export.": "export", "prune.gradual": "train", "prune.unwhiten": "train", "prune.score": "train", "prune.": "prune", "epochs.finetune": "finetune",
               "optim.finetune_lr": "finetune", "epochs.train": "train", "regularizer.sparsity": "train", "regularizer.strength": "train",
               "regularizer.target": "train"}
 _FREE = {"threads", "device", "amp", "channels_last", "eval_batch_size", "data_dir", "compile"}
@@ -226,6 +228,8 @@ def validate(cfg: dict) -> None:
     if d["calibration"] and (d["init"] != "svd" or d["mode"] != "channel"):
         raise ConfigError("decompose.calibration whitens the SVD of trained weights: it needs decompose.init=svd "
                           "and decompose.mode=channel")
+    if cfg["prune"]["unwhiten"] and not (d["enabled"] and d["calibration"]):
+        raise ConfigError("prune.unwhiten re-factors whitened layers: set decompose.calibration too")
     if d["calibration"] < 0:
         raise ConfigError(f"decompose.calibration must be >= 0 (0 = off), got {d['calibration']}")
     span = cfg["optim"]["schedule_span"]

@@ -26,6 +26,7 @@ from .layers import svd_layers
 from .losses import Regularizer
 from .macs import count_macs, count_params, profile
 from .prune import prune, ranks
+from .whiten import unwhiten
 
 log = logging.getLogger("svdtrain")
 
@@ -138,7 +139,8 @@ def _budget(ctx: RunContext, reg: Regularizer, opt, total_steps: int) -> BudgetC
     target = {"target_latency": r["target_latency"]} if r["target_latency"] else {"target_macs": r["target_macs"]}
     return BudgetController(ctx.model, reg, input_shape=_deploy_shape(ctx) if r["target_latency"] else ctx.shape,
                             total_steps=total_steps, target_at=r["target_at"], keep_energy=p["keep_energy"],
-                            mask=p["gradual"], optimizer=opt, score=p["score"], **target)
+                            mask=p["gradual"], optimizer=opt, score=p["score"],
+                            on_final=(lambda: unwhiten(ctx.model, opt)) if p["unwhiten"] else None, **target)
 
 
 def _deploy_shape(ctx: RunContext) -> tuple:
@@ -195,6 +197,8 @@ def prune_stage(ctx: RunContext) -> None:
         info["ranks"] = prune(ctx.model, macs_budget=budget, input_shape=ctx.shape, scores=scores)
     else:
         info["ranks"] = prune(ctx.model, keep_energy=p["keep_energy"])
+    if p["unwhiten"]:
+        unwhiten(ctx.model)  # a no-op where the gradual masks' end already did it
     if p["recalibrate"]:
         info["recalibrated_batches"] = recalibrate_batchnorm(ctx.model, ctx.train_loader, p["recalibrate"])
         if ctx.world > 1:  # each rank saw its own shard: keep rank 0's statistics everywhere

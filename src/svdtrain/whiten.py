@@ -41,7 +41,7 @@ from torch import nn
 
 from .attention import SVDMultiheadAttention
 from .conv import SVDConv2d
-from .layers import SVDLayer, SVDLinear
+from .layers import SVDLayer, SVDLinear, svd_layers
 
 log = logging.getLogger("svdtrain")
 
@@ -204,3 +204,34 @@ def whiten_model(model: nn.Module, layers: Iterable[SVDLayer], batches: Iterable
         log.warning("svdtrain: no calibration input reached %s: plain SVD kept",
                     ", ".join(names.get(id(m), "?") for m in unseen[:8]))
     return used
+
+
+@torch.no_grad()
+def unwhiten(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Re-factor each whitened SVD layer of `model` (one with a metric) at its active rank as the
+    plain SVD of the same matrix, and drop its metric: the outputs are unchanged, U and V are
+    orthonormal in the plain metric again (the orthogonality term starts at ~0), and training
+    goes on in the plain parametrization once the whitened spectrum has chosen the ranks (the
+    whitened V, V'^T S^{-1}, is badly conditioned for SGD). The optimizer's state of those
+    factors is zeroed (it belongs to the old parametrization). Returns the layers re-factored."""
+    done = 0
+    for _, layer in svd_layers(model):
+        if getattr(layer, "metric", None) is None:
+            continue
+        idx = layer.active.nonzero().squeeze(1)
+        u, s, v = (f.detach().double() for f in layer.factors())
+        qu, ru = torch.linalg.qr(u)  # U diag(s) V^T = Qu (Ru diag(s) Rv^T) Qv^T: the SVD of the r x r core
+        qv, rv = torch.linalg.qr(v)
+        a, sigma, bh = torch.linalg.svd((ru * s) @ rv.mT)
+        for param, value in ((layer.U, qu @ a), (layer.V, qv @ bh.mT)):
+            param[:, idx] = value.to(param.dtype)
+        layer.s[idx] = sigma.to(layer.s.dtype)
+        layer.set_metric(None)
+        for param in (layer.U, layer.s, layer.V) if optimizer is not None else ():
+            for value in optimizer.state.get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    value.zero_()
+        done += 1
+    if done:
+        log.info("svdtrain: %d whitened layers re-factored as plain SVDs at their ranks", done)
+    return done
