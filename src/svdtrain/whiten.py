@@ -29,6 +29,10 @@ layers it has just put in SVD form; the inputs are read by forward pre-hooks on 
 which compute exactly what the replaced layers did. nn.MultiheadAttention is covered: its q, k,
 v and out projections are SVD layers called on the attention's query, key, value inputs and on
 its attention output, each whitened by what it sees.
+
+`unwhiten(model)` goes back: once the whitened spectrum has chosen the ranks, each whitened
+layer is re-factored as the plain SVD of its cut matrix (outputs unchanged), so training goes on
+in the plain parametrization (`prune.unwhiten` in a run).
 """
 from __future__ import annotations
 
