@@ -79,7 +79,7 @@ def method_settings(args, method: str) -> dict:
         own["recalibrate"] = args.recalibrate
     if method in whitened(args):
         own.update(calibration=args.calibration, whiten=args.whiten)
-        if method == "svd_training" and args.orth_metric != "activation":  # earlier points: activation, unrecorded
+        if args.orth_metric != "activation":  # earlier points: activation, unrecorded
             own["orth_metric"] = args.orth_metric
         if args.unwhiten:
             own["unwhiten"] = True
@@ -175,8 +175,8 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     p.add_argument("--whiten", choices=("cholesky", "diag"), default="cholesky",
                    help="with --calibration: SVD-LLM's Cholesky whitening or ASVD's diagonal scaling")
     p.add_argument("--orth-metric", choices=("activation", "plain"), default="activation",
-                   help="with --calibration: SVD training's orthogonality of the whitened V in the activation "
-                        "metric (V^T C V = I) or plain (V^T V = I)")
+                   help="with --calibration: the orthogonality term on the whitened V in the activation metric "
+                        "(V^T C V = I) or plain (V^T V = I)")
     p.add_argument("--unwhiten", action="store_true",
                    help="with --calibration: once the ranks are final, re-factor the whitened layers as plain SVDs "
                         "(prune.unwhiten)")

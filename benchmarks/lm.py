@@ -87,7 +87,8 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-DENSE = SHARED[:SHARED.index("finetune_lr")] + ("seed",)  # what the dense model depends on
+DENSE = ("layers", "hidden", "heads", "intermediate", "seq", "batch", "dense_steps", "lr", "weight_decay",
+         "seed")  # what the dense model depends on
 
 
 def settings(args, keys=SHARED) -> dict:

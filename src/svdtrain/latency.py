@@ -40,6 +40,11 @@ def wall_time(module: nn.Module, inputs: tuple, reps: int = 7) -> float:
     return statistics.median(times)
 
 
+def own_rng(p: torch.Tensor):
+    """A random stream of the timing's own (on `p`'s device): the caller's is left as it was."""
+    return torch.random.fork_rng(devices=[p.device.index or 0] if p.is_cuda else [])
+
+
 def dense_export(model: nn.Module, inputs: tuple) -> nn.Module:
     """The model exported with every SVD layer in its dense form (the baseline latency is taken of)."""
     from .export import export
@@ -115,7 +120,7 @@ class LatencyTable:
         p = next(model.parameters())
         # Building the timed layers draws their (discarded) initial weights: the caller's random
         # stream is left as it was, so a training run does not depend on whether it was timed.
-        with torch.random.fork_rng(devices=[p.device.index or 0] if p.is_cuda else []):
+        with own_rng(p):
             self.times = {key: layer_times(layer, timer, round_to) for key, layer in self.layers.items()}
             self.dense_seconds = timer(dense_export(model, inputs), inputs)
         self.fixed = max(0.0, self.dense_seconds - sum(d for d, _ in self.times.values()))
@@ -158,7 +163,7 @@ class LatencyTable:
         trial = copy.deepcopy(model)
         layers = dict(svd_layers(trial))
         p = next(model.parameters())
-        with torch.random.fork_rng(devices=[p.device.index or 0] if p.is_cuda else []):
+        with own_rng(p):
             for key, k in rank.items():
                 layer = layers[self.names[key]]
                 _keep_top(layer, k)  # the time depends on the rank, not on which values

@@ -107,9 +107,14 @@ def clear_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> No
         with torch.no_grad():
             layer.s[dead] = 0.0
             for param, index in ((layer.s, (dead,)), (layer.U, (slice(None), dead)), (layer.V, (slice(None), dead))):
-                for value in optimizer.state.get(param, {}).values():
-                    if torch.is_tensor(value) and value.shape == param.shape:
-                        value[index] = 0.0
+                zero_state(optimizer, param, index)
+
+
+def zero_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, index=(...,)) -> None:
+    """Zero `param`'s optimizer state (momentum buffers, Adam moments) at `index` (default all)."""
+    for value in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value[index] = 0.0
 
 
 def _importance(model: nn.Module, scores):

@@ -46,6 +46,7 @@ from torch import nn
 from .attention import SVDMultiheadAttention
 from .conv import SVDConv2d
 from .layers import SVDLayer, SVDLinear, svd_layers
+from .prune import zero_state
 
 log = logging.getLogger("svdtrain")
 
@@ -232,9 +233,7 @@ def unwhiten(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
         layer.s[idx] = sigma.to(layer.s.dtype)
         layer.set_metric(None)
         for param in (layer.U, layer.s, layer.V) if optimizer is not None else ():
-            for value in optimizer.state.get(param, {}).values():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    value.zero_()
+            zero_state(optimizer, param)
         done += 1
     if done:
         log.info("svdtrain: %d whitened layers re-factored as plain SVDs at their ranks", done)
