@@ -12,10 +12,10 @@ method); the two training methods have only the fine-tuned point. Tune on val, r
     python benchmarks/lm.py --report-only        # rebuild lm_pycode.md from lm_pycode.json
     (torchao_pat needs `pip install torchao`; without it the point records why it was skipped)
 
-Cost measured at 1 thread on a 2-core x86 CPU busy with other runs (defaults): dense step 9.2 s
-(3000 steps: ~7.7 h), val + test evaluation ~9 min per model, a calibrated decomposition ~100 s,
-a fine-tune step 4.0 s (a cut SVD form), ~5 s (SVD training), ~6.5 s (PAT: an SVD per matrix per
-step); ~3 h per level for the five methods: ~14 h in all (--max-eval-windows 1000 halves evaluation).
+Cost at 1 thread on a 2-core x86 CPU busy with other runs: a dense step 4.9 s at the defaults (6 x 256,
+4 heads, MLP 688; 3000 steps: ~4 h), 10.7 s at width 384 (6 heads, MLP 1024). At width 384 a val +
+test evaluation took ~9 min per model, a calibrated decomposition ~100 s, a fine-tune step 4.0 s (a
+cut SVD form), ~5 s (SVD training), ~6.5 s (PAT: an SVD per matrix per step).
 
 Budget: prune(macs_budget=b) cuts whole-model MACs; b is set so that the decomposable layers' MACs
 (= their parameters per token) land at the level, and each point records params_ratio (deployed
@@ -60,9 +60,9 @@ def parse(argv=None):
     a("--out", default=str(RESULTS / "lm_pycode.json"), help="result JSON (the .md beside it)")
     a("--work", default=str(Path(__file__).resolve().parent / "work" / "lm"), help="checkpoints, dense model")
     a("--layers", type=int, default=6)
-    a("--hidden", type=int, default=384)
-    a("--heads", type=int, default=6)
-    a("--intermediate", type=int, default=1024)
+    a("--hidden", type=int, default=256)
+    a("--heads", type=int, default=4)
+    a("--intermediate", type=int, default=688)
     a("--seq", type=int, default=256)
     a("--batch", type=int, default=16)
     a("--dense-steps", type=int, default=3000)
