@@ -113,7 +113,10 @@ class RunContext:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
-        return torch.compile(model, backend=self.cfg["compile"]) if self.cfg["compile"] else model
+        # dynamic=False: every compile specializes to the model's ranks. Otherwise a second run in one
+        # process (other ranks, same forward code) gets symbolic sizes for the kept values' index,
+        # which inductor cannot always lower (tests/test_pipeline.py).
+        return torch.compile(model, backend=self.cfg["compile"], dynamic=False) if self.cfg["compile"] else model
 
 
 def setup(cfg: dict, state: dict, out: Path, save: Callable[[], None], quiet: bool = False,
