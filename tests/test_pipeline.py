@@ -429,6 +429,16 @@ def test_svd_init_run_resumes_from_a_copy_of_its_dense_checkpoint(finished, tmp_
                 assert s["config"]["decompose"]["dense_checkpoint"] == str(path)
 
 
+SECOND_RUN = """
+import sys
+from svdtrain.config import load_config
+from svdtrain.train import Run
+for i, budget in enumerate((0.3, 0.1)):
+    cfg = load_config(sys.argv[1], ["compile=inductor", "epochs.orth=0", "epochs.train=0", "epochs.finetune=1",
+                                    f"prune.macs_budget={budget}"])
+    Run(f"{sys.argv[2]}/inductor{i}", cfg, quiet=True).execute()
+"""
+
 
 def test_inductor_compiles_a_second_run_at_other_ranks_in_one_process(tiny):
     # Two runs in one process (as compare.py and a user's sweep do), compiled by inductor, cut to
@@ -436,15 +446,10 @@ def test_inductor_compiles_a_second_run_at_other_ranks_in_one_process(tiny):
     # dynamo's automatic dynamic shapes, the kept values' index got a symbolic size that inductor
     # could not lower ("cannot determine truth value of Relational") and the second run failed.
     root, cfg = tiny
-    script = (f"from svdtrain.config import load_config\nfrom svdtrain.train import Run\n"
-              f"for i, b in enumerate((0.3, 0.1)):\n"
-              f"    c = load_config({str(cfg)!r}, ['compile=inductor', 'epochs.orth=0', 'epochs.train=0', "
-              f"'epochs.finetune=1', f'prune.macs_budget={{b}}'])\n"
-              f"    Run({str(root)!r} + f'/inductor{{i}}', c, quiet=True).execute()\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", SECOND_RUN, str(cfg), str(root)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     ranks = [json.loads((root / f"inductor{i}" / "ranks.json").read_text()) for i in range(2)]
     assert ranks[0] != ranks[1]
     for i in range(2):
-        stages = [json.loads(line)["stage"] for line in (root / f"inductor{i}" / "metrics.jsonl").read_text().splitlines()]
-        assert stages == ["prune", "finetune"]
+        metrics = (root / f"inductor{i}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["stage"] for line in metrics] == ["prune", "finetune"]
