@@ -10,6 +10,8 @@ method); the two training methods have only the fine-tuned point. Tune on val, r
 
     python benchmarks/lm.py                      # dense (checkpointed; rerun resumes), then every point
     python benchmarks/lm.py --report-only        # rebuild lm_pycode.md from lm_pycode.json
+    python benchmarks/lm.py --finetune-seed 1 --methods svdllm svd_training --levels 60
+                                                 # another seed's points beside (same dense model)
     (torchao_pat needs `pip install torchao`; without it the point records why it was skipped)
 
 Cost at 1 thread on a 2-core x86 CPU busy with other runs: a dense step 4.9 s at the defaults (6 x 256,
@@ -41,9 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lm_data as D  # noqa: E402
+from lm_report import METHODS, report  # noqa: E402
 import svdtrain  # noqa: E402
 
-METHODS = ("svd", "asvd", "svdllm", "svd_training", "torchao_pat")
 WHITEN = {"svd": None, "asvd": "diag", "svdllm": "cholesky", "svd_training": "cholesky"}
 TRAINING = ("svd_training", "torchao_pat")  # no point without fine-tuning
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,12 +81,18 @@ def parse(argv=None):
     a("--pat-lambda", type=float, default=1.0, help="torchao_pat: ProxNuclearNorm's reg_lambda")
     a("--max-eval-windows", type=int, default=0, help="0: every window of val and test")
     a("--eval-batch", type=int, default=32)
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="the dense model's seed")
+    a("--finetune-seed", type=int, default=None,
+      help="seed of everything after the dense model (calibration batches, fine-tune batches, probes); "
+           "default --seed. Another value adds points beside the others' in the same JSON")
     a("--threads", type=int, default=2)
     a("--device", default="cpu")
     a("--report-only", action="store_true")
     a("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: stop dense training there
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.finetune_seed is None:
+        args.finetune_seed = args.seed
+    return args
 
 
 DENSE = ("layers", "hidden", "heads", "intermediate", "seq", "batch", "dense_steps", "lr", "weight_decay",
@@ -236,7 +244,7 @@ def pat(dense, level: float, args, data, ids):
 
 
 def finetune(model, opt, args, data, stage, extra_loss=None, after_step=None):
-    gen = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every method
+    gen = torch.Generator().manual_seed(args.finetune_seed + 1)  # the same batches for every method
     return D.train(model, opt, data["train"], args.finetune_steps, batch=args.batch, seq=args.seq, gen=gen,
                    warmup=min(20, args.finetune_steps // 10 + 1), extra_loss=extra_loss, after_step=after_step,
                    stage=stage)
@@ -245,7 +253,7 @@ def finetune(model, opt, args, data, stage, extra_loss=None, after_step=None):
 def run_method(method, level, dense, args, data, calib, ids, dense_macs, dense_params, wanted):
     """Yield the method's points at `level` that are in `wanted` (finetune_steps values)."""
     b, t0 = budget(dense, level, ids), time.time()
-    torch.manual_seed(args.seed)  # the orthogonality term's probes: a point does not depend on what ran before
+    torch.manual_seed(args.finetune_seed)  # the orthogonality term's probes: a point does not depend on what ran before
     extra = {}
     if method == "torchao_pat":
         if args.finetune_steps < 2:
@@ -284,54 +292,15 @@ def point(model, steps, b, dense_macs, dense_params, ids, args, data, t0, extra)
             "test_bpb": D.metrics(test)[1], "seconds": round(time.time() - t0, 1), **extra}
 
 
+def key(p: dict) -> tuple:
+    return p["method"], p["level"], p["finetune_steps"], p["seed"]
+
+
 def write(result: dict, out: Path) -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out)
     out.with_suffix(".md").write_text(report(result))
-
-
-def report(r: dict) -> str:
-    d = r["dense"]
-    lines = ["# Byte-level LM on pycode: compression of the decoder's Linear layers", "",
-             f"{r['machine']}, torch {r['torch']}, transformers {r['transformers']}, {r['date']}. "
-             f"`{r['command']}`", "",
-             f"Dense: {d['params']:,} parameters ({d['decomposable_params']:,} decomposable), {d['steps']} steps: "
-             f"val ppl {d['val_ppl']:.4f}, test ppl {d['test_ppl']:.4f}, {d['bpb']:.4f} bits per byte (test).", "",
-             "params: deployed parameters of the decomposable layers / dense; MACs: whole model / dense "
-             "(lm_head and attention products included). Perplexity per byte.", "",
-             "| method | level | fine-tune steps | params | MACs | val ppl | test ppl | test bits/byte |",
-             "|---|---|---|---|---|---|---|---|"]
-    for p in sorted(r["points"], key=lambda p: (-p["level"], p["finetune_steps"], METHODS.index(p["method"]))):
-        if "skipped" in p:
-            lines.append(f"| {p['method']} | {p['level']:.0%} | {p['finetune_steps']} | skipped: {p['skipped']} |||||")
-        else:
-            lines.append(f"| {p['method']} | {p['level']:.0%} | {p['finetune_steps']} | {p['params_ratio']:.3f} | "
-                         f"{p['macs_ratio']:.3f} | {p['val_ppl']:.4f} | {p['test_ppl']:.4f} | {p['test_bpb']:.4f} |")
-    lines += ["", "Exact starts (relative perplexity change before any cut, val): "
-              + ", ".join(f"{k} {v:.1e}" for k, v in r.get("start_gap", {}).items()), ""]
-    lines += targets(r)
-    return "\n".join(lines) + "\n"
-
-
-def targets(r: dict) -> list[str]:
-    """The targets at 60% (benchmarks/README.md), where the points exist."""
-    pts = {(p["method"], p["level"], p["finetune_steps"]): p for p in r["points"] if "skipped" not in p}
-    out, ft = [], r["settings"].get("finetune_steps_run", [])
-    for steps in ft:
-        ours, others = pts.get(("svd_training", 0.6, steps)), [
-            p for (m, lv, s), p in pts.items() if lv == 0.6 and s == steps and m != "svd_training"]
-        if ours and others:
-            best = min(others, key=lambda p: p["test_ppl"])
-            verdict = "met" if ours["test_ppl"] <= best["test_ppl"] else "missed"
-            out.append(f"- Target, 60% with {steps} fine-tune steps: SVD training's test ppl <= every other method's: "
-                       f"**{verdict}** ({ours['test_ppl']:.4f} vs {best['method']} {best['test_ppl']:.4f}).")
-    cut = pts.get(("svdllm", 0.6, 0))
-    if cut:
-        ratio = cut["test_ppl"] / r["dense"]["test_ppl"]
-        out.append(f"- Target, whitened cut (svdllm) at 60% without fine-tuning within 15% of dense perplexity: "
-                   f"**{'met' if ratio <= 1.15 else 'missed'}** ({ratio - 1:+.1%}).")
-    return out
 
 
 def machine() -> str:
@@ -361,7 +330,7 @@ def main(argv=None):
     layers = D.decomposable(dense)
     dense_params = sum(m.weight.numel() for _, m in layers)
     dense_macs = svdtrain.count_macs(dense, example_inputs=ids)
-    gen = torch.Generator().manual_seed(args.seed + 2)
+    gen = torch.Generator().manual_seed(args.finetune_seed + 2)
     calib = [D.train_batch(data["train"], args.batch, args.seq, gen)[0].to(args.device) for _ in range(args.calib_batches)]
     if result is None:
         val, test = (D.evaluate(dense, data[s], args.eval_batch) for s in ("val_w", "test_w"))
@@ -378,18 +347,17 @@ def main(argv=None):
                    "date": datetime.date.today().isoformat(),
                    "command": "python benchmarks/lm.py " + " ".join(sys.argv[1:] if argv is None else argv)})
     write(result, out)
-    have = {(p["method"], p["level"], p["finetune_steps"]) for p in result["points"] if "skipped" not in p}
+    have = {key(p) for p in result["points"] if "skipped" not in p}
     for level in (lv / 100 for lv in args.levels):
         for method in args.methods:
             steps = [args.finetune_steps] if method in TRAINING else [0, args.finetune_steps]
-            wanted = [s for s in steps if (method, level, s) not in have]
+            wanted = [s for s in steps if (method, level, s, args.finetune_seed) not in have]
             if not wanted:
                 continue
             for p in run_method(method, level, dense, args, data, calib, ids, dense_macs, dense_params, wanted):
                 p = {"method": method, "level": level, "finetune_steps": p.get("finetune_steps", wanted[-1]),
-                     "seed": args.seed, **p}
-                key = (method, level, p["finetune_steps"])  # a point skipped before is tried again
-                result["points"] = [q for q in result["points"] if (q["method"], q["level"], q["finetune_steps"]) != key]
+                     "seed": args.finetune_seed, **p}
+                result["points"] = [q for q in result["points"] if key(q) != key(p)]  # a skipped one is tried again
                 result["points"].append(p)
                 write(result, out)
                 print(json.dumps(p), flush=True)

@@ -4,6 +4,8 @@ resumed dense run and the per-point resume."""
 import json
 import math
 import random
+import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -132,3 +134,26 @@ def test_dense_resume_equals_uninterrupted(run, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), shared.state_dict().values()))
     with pytest.raises(SystemExit, match="other settings"):
         lm.dense_stage(lm.parse(common + ["--work", str(tmp_path / "a"), "--lr", "0.01"]), data)
+
+
+def test_another_finetune_seed_adds_points_and_the_targets_average(run, tmp_path):
+    d, argv, _ = run
+    shutil.copytree(d, tmp_path / "c")
+    argv = [a.replace(str(d), str(tmp_path / "c")) for a in argv]
+    before = json.loads((tmp_path / "c" / "r.json").read_text())["points"]
+    i = argv.index("--levels")
+    extra = argv[:i] + ["--levels", "60", "--threads", "1", "--methods", "svdllm", "svd_training", "--finetune-seed", "1"]
+    lm.main(extra)
+    r = json.loads((tmp_path / "c" / "r.json").read_text())
+    new = [p for p in r["points"] if p["seed"] == 1]
+    assert {(p["method"], p["finetune_steps"]) for p in new} == {("svdllm", 0), ("svdllm", 10), ("svd_training", 10)}
+    assert figures([p for p in r["points"] if p["seed"] == 0]) == figures(before)  # the seed-0 points kept
+    old = {(p["method"], p["finetune_steps"]): p for p in before if p["level"] == 0.6}
+    for p in new:  # other calibration and fine-tune batches: other figures
+        assert p["val_ppl"] != old[(p["method"], p["finetune_steps"])]["val_ppl"], p
+    ours = [p["test_ppl"] for p in r["points"] if (p["method"], p["level"], p["finetune_steps"]) == ("svd_training", 0.6, 10)]
+    md = (tmp_path / "c" / "r.md").read_text()
+    assert f"({statistics.mean(ours):.4f} +- {statistics.stdev(ours):.4f} (n=2) vs " in md
+    assert md.count("| svd_training | 60% | 10 |") == 2
+    lm.main(extra)  # rerun: nothing added
+    assert len(json.loads((tmp_path / "c" / "r.json").read_text())["points"]) == len(r["points"])
