@@ -342,10 +342,13 @@ def main(argv=None):
                                 for m in ("svd", "asvd", "svdllm")}}
     if args.finetune_steps not in result["settings"]["finetune_steps_run"]:
         result["settings"]["finetune_steps_run"].append(args.finetune_steps)
-    result.update({"machine": f"{machine()}, {args.threads} threads, {args.device}",
+    command = "python benchmarks/lm.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    old = result.pop("command", None)  # files written before "commands" kept only the latest
+    commands = result.get("commands") or ([old] if old else [])
+    result.update({"machine": f"{machine()}, {args.threads} thread{'s' * (args.threads != 1)}, {args.device}",
                    "torch": torch.__version__, "transformers": transformers.__version__,
                    "date": datetime.date.today().isoformat(),
-                   "command": "python benchmarks/lm.py " + " ".join(sys.argv[1:] if argv is None else argv)})
+                   "commands": commands + [command] * (command not in commands)})
     write(result, out)
     have = {key(p) for p in result["points"] if "skipped" not in p}
     for level in (lv / 100 for lv in args.levels):

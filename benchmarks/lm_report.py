@@ -8,8 +8,8 @@ METHODS = ("svd", "asvd", "svdllm", "svd_training", "torchao_pat")
 def report(r: dict) -> str:
     d = r["dense"]
     lines = ["# Byte-level LM on pycode: compression of the decoder's Linear layers", "",
-             f"{r['machine']}, torch {r['torch']}, transformers {r['transformers']}, {r['date']}. "
-             f"`{r['command']}`", "",
+             f"{r['machine']}, torch {r['torch']}, transformers {r['transformers']}, {r['date']}. Commands (each "
+             "adds its points to the same file): " + "; ".join(f"`{c}`" for c in r.get("commands", [r.get("command")])), "",
              f"Dense: {d['params']:,} parameters ({d['decomposable_params']:,} decomposable), {d['steps']} steps: "
              f"val ppl {d['val_ppl']:.4f}, test ppl {d['test_ppl']:.4f}, {d['bpb']:.4f} bits per byte (test).", "",
              "params: deployed parameters of the decomposable layers / dense; MACs: whole model / dense "

@@ -155,5 +155,9 @@ def test_another_finetune_seed_adds_points_and_the_targets_average(run, tmp_path
     md = (tmp_path / "c" / "r.md").read_text()
     assert f"({statistics.mean(ours):.4f} +- {statistics.stdev(ours):.4f} (n=2) vs " in md
     assert md.count("| svd_training | 60% | 10 |") == 2
-    lm.main(extra)  # rerun: nothing added
-    assert len(json.loads((tmp_path / "c" / "r.json").read_text())["points"]) == len(r["points"])
+    lm.main(extra)  # rerun: nothing added, its command listed once
+    again = json.loads((tmp_path / "c" / "r.json").read_text())
+    assert len(again["points"]) == len(r["points"])
+    commands = ["python benchmarks/lm.py " + " ".join(a) for a in (run[1], extra)]
+    assert again["commands"] == commands and "command" not in again
+    assert all(f"`{c}`" in (tmp_path / "c" / "r.md").read_text() for c in commands)
