@@ -323,7 +323,11 @@ def main(argv=None):
     result = json.loads(out.read_text()) if out.exists() else None
     if result is not None:
         check_settings(result["settings"], settings(args), out)
-    data = {s: D.load_split(args.data_dir, s) for s in D.SPLITS}
+    try:
+        data = {s: D.load_split(args.data_dir, s) for s in D.SPLITS}
+        D.check_splits(data, args.seq)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"lm.py: {err}") from None
     data["val_w"], data["test_w"] = (D.eval_windows(data[s], args.seq, args.max_eval_windows) for s in ("val", "test"))
     dense = dense_stage(args, data)
     ids = ids_for(args)

@@ -1,8 +1,9 @@
 """Byte-level data, the Llama-style decoder, its training loop and evaluation, for benchmarks/lm.py.
 
 Data: each split's bytes as a uint8 tensor (vocabulary 256, no tokenizer). Training draws random
-contiguous windows of seq + 1 bytes; evaluation uses fixed non-overlapping windows (window i starts
-at i * seq, so every byte after the first is predicted exactly once).
+contiguous windows of seq + 1 bytes (the split's last byte is never a target); evaluation uses
+fixed non-overlapping windows (window i starts at i * seq, so each byte after the first is
+predicted at most once; the fewer than seq bytes after the last full window are not scored).
 """
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ def load_split(data_dir, split: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
+def check_splits(data: dict, seq: int) -> None:
+    """A one-line ValueError for a split too short for one window of seq + 1 bytes (+ 1 to draw from)."""
+    for split, d in data.items():
+        if len(d) < seq + 2:
+            raise ValueError(f"the {split} split has {len(d)} bytes, fewer than a window of --seq {seq} needs ({seq + 2})")
+
+
 def train_batch(data: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
     """(inputs, targets), each (batch, seq) int64: random windows drawn with `gen`."""
     starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
@@ -32,6 +40,8 @@ def eval_windows(data: torch.Tensor, seq: int, max_windows: int = 0):
     """The fixed non-overlapping evaluation windows (inputs, targets); max_windows > 0 keeps that
     many, evenly spaced over the split."""
     n = (len(data) - 1) // seq
+    if n == 0:
+        raise ValueError(f"a split of {len(data)} bytes is shorter than one evaluation window of {seq + 1}")
     idx = torch.arange(n)
     if 0 < max_windows < n:
         idx = torch.linspace(0, n - 1, max_windows).round().long()

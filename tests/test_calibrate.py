@@ -56,3 +56,22 @@ def test_the_prune_stage_recalibrates_when_asked(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["recalibrated_batches"] for r in rows if r["stage"] == "prune"] == [2]
+
+
+def test_batches_as_keyword_dicts_recalibrate_alike():
+    """Hugging Face style batches (dicts of keyword arguments) give the same statistics."""
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, pixel_values):
+            return self.bn(self.conv(pixel_values))
+
+    torch.manual_seed(0)
+    model = Kw()
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    twin = copy.deepcopy(model)
+    assert svdtrain.recalibrate_batchnorm(model, batches) == 2
+    assert svdtrain.recalibrate_batchnorm(twin, [{"pixel_values": x} for x in batches]) == 2
+    assert torch.equal(model.bn.running_mean, twin.bn.running_mean) and torch.equal(model.bn.running_var, twin.bn.running_var)

@@ -161,3 +161,14 @@ def test_another_finetune_seed_adds_points_and_the_targets_average(run, tmp_path
     commands = ["python benchmarks/lm.py " + " ".join(a) for a in (run[1], extra)]
     assert again["commands"] == commands and "command" not in again
     assert all(f"`{c}`" in (tmp_path / "c" / "r.md").read_text() for c in commands)
+
+
+def test_missing_or_short_data_is_a_one_line_error(tmp_path):
+    argv = ["--out", str(tmp_path / "r.json"), "--work", str(tmp_path / "work"), "--seq", "32", "--threads", "1"]
+    with pytest.raises(SystemExit, match="lm.py: .*No such file"):
+        lm.main(["--data-dir", str(tmp_path / "nowhere"), *argv])
+    for split in D.SPLITS:
+        (tmp_path / f"{split}.txt").write_text("x = 1\n" * (20 if split != "val" else 3))
+    with pytest.raises(SystemExit, match="the val split has 18 bytes, fewer than a window of --seq 32 needs"):
+        lm.main(["--data-dir", str(tmp_path), *argv])
+    assert not (tmp_path / "r.json").exists()

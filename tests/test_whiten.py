@@ -102,8 +102,11 @@ def test_bad_input_errors():
         svdtrain.decompose(copy.deepcopy(model), mode="spatial", calibration=[x])
     with pytest.raises(ValueError, match="whiten must be"):
         svdtrain.decompose(copy.deepcopy(model), calibration=[x], whiten="pca")
+    kept = copy.deepcopy(model)
     with pytest.raises(ValueError, match="no batches"):
-        svdtrain.decompose(copy.deepcopy(model), calibration=[])
+        svdtrain.decompose(kept, calibration=[])
+    assert isinstance(kept[0], nn.Conv2d) and isinstance(kept[2], nn.Linear)  # left as it was
+    assert torch.equal(kept[2].weight, model[2].weight)
 
     class Scaled(nn.Linear):
         pass
@@ -235,7 +238,7 @@ def test_the_pipeline_unwhitens_when_the_gradual_masks_end(tmp_path, monkeypatch
     budget; without it the whitened layers keep their metric."""
     import svdtrain.stages
     calls = []
-    monkeypatch.setattr(svdtrain.stages, "unwhiten", lambda *a: calls.append(svdtrain.unwhiten(*a)) or calls[-1])
+    monkeypatch.setattr(svdtrain.stages, "unwhiten", lambda *a, **k: calls.append(svdtrain.unwhiten(*a, **k)) or calls[-1])
     import json
     from svdtrain.data import write_fake_cifar
     from svdtrain.models import build_model
@@ -247,12 +250,59 @@ def test_the_pipeline_unwhitens_when_the_gradual_masks_end(tmp_path, monkeypatch
     over = [f"data_dir={tmp_path / 'data'}", "model=resnet20", "decompose.init=svd", "batch_size=16",
             f"decompose.dense_checkpoint={tmp_path / 'dense.pt'}", "decompose.calibration=2", "epochs.train=1", "optim.lr=0.001",
             "epochs.finetune=0", "regularizer.target_macs=0.5", "regularizer.target_at=0.5", "prune.gradual=true"]
-    for unwhiten in (True, False):
+    for unwhiten, metric in ((True, "activation"), (False, "activation"), (True, "plain")):
         calls.clear()
-        out = tmp_path / f"run_{unwhiten}"
-        Run(out, load_config(None, over + [f"prune.unwhiten={str(unwhiten).lower()}"]), quiet=True).execute()
+        out = tmp_path / f"run_{unwhiten}_{metric}"
+        Run(out, load_config(None, over + [f"prune.unwhiten={str(unwhiten).lower()}",
+                                           f"decompose.orth_metric={metric}"]), quiet=True).execute()
         state = torch.load(out / "model_state.pt", weights_only=True)
-        assert any(k.endswith(".metric") for k in state) != unwhiten
+        assert any(k.endswith(".metric") for k in state) == (not unwhiten)
         layers = sum(k.endswith(".active") for k in state)
-        assert calls == ([layers, 0] if unwhiten else [])  # every layer at the ramp's end, none left to the cut
+        # every layer at the ramp's end, none left to the cut; with plain orthogonality the
+        # whitened layers keep no metric, so each layer is re-factored (again at the cut)
+        assert calls == ({"activation": [layers, 0], "plain": [layers, layers]}[metric] if unwhiten else [])
         assert json.loads((out / "summary.json").read_text())["macs_ratio"] <= 0.5 + 1e-6
+        if metric == "plain":  # re-factored at the cut: V orthonormal in the plain metric at its active columns
+            for k in (k for k in state if k.endswith(".active")):
+                v = state[k[:-len("active")] + "V"][:, state[k]].double()
+                assert torch.allclose(v.mT @ v, torch.eye(v.shape[1], dtype=v.dtype), atol=1e-4), k
+
+
+def test_padded_positions_are_left_out_of_the_moments():
+    """A dict batch's attention_mask: the padded positions of a (batch, seq, features) input do
+    not enter the moment, so a padded batch whitens as its unpadded tokens do."""
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.proj = nn.Embedding(50, 16), nn.Linear(16, 12)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.proj(self.emb(input_ids))
+
+    torch.manual_seed(0)
+    model = Tiny()
+    ids = torch.randint(1, 50, (2, 9))
+    padded = torch.cat([ids, torch.zeros(2, 30, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(2, 9), torch.zeros(2, 30)], 1).long()
+    real = svdtrain.decompose(copy.deepcopy(model), calibration=[{"input_ids": ids, "attention_mask": torch.ones(2, 9)}])
+    pad = svdtrain.decompose(copy.deepcopy(model), calibration=[{"input_ids": padded, "attention_mask": mask}])
+    unmasked = svdtrain.decompose(copy.deepcopy(model), calibration=[{"input_ids": padded}])
+    want = real.proj.factors()[1]
+    assert torch.allclose(pad.proj.factors()[1], want, rtol=1e-5)
+    assert not torch.allclose(unmasked.proj.factors()[1], want, rtol=1e-2)  # the pads would count
+
+
+def test_float16_factors_that_overflow_keep_the_plain_svd(caplog):
+    """Inputs that are always zero in some columns make V'^T S^-1 huge: in float16 it would
+    overflow to inf; the layer keeps its plain SVD instead (a WARNING names it) and stays finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).half()
+    x = torch.randn(512, 64) * 1e-2
+    x[:, :8] = 0
+    with caplog.at_level("WARNING", logger="svdtrain"):
+        svd = svdtrain.decompose(copy.deepcopy(model), calibration=[x.half()])
+    assert "overflow" in caplog.text and "0" in caplog.text.split("overflow")[1]
+    assert getattr(svd[0], "metric", None) is None  # plain SVD kept
+    assert all(bool(torch.isfinite(p).all()) for p in svd.parameters())
+    with torch.no_grad():
+        assert torch.allclose(svd(x.half()).float(), model(x.half()).float(), atol=1e-2)

@@ -12,9 +12,23 @@ import torch
 from torch import nn
 
 
+def run_batch(model: nn.Module, batch):
+    """Call `model` on one batch: a tensor, an (x, y, ...) tuple or list (x is passed), or a dict
+    of keyword arguments (Hugging Face style); tensors are moved to the model's device."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+
+    def to(t):
+        return t.to(device) if torch.is_tensor(t) and device is not None else t
+
+    if isinstance(batch, dict):
+        return model(**{k: to(v) for k, v in batch.items()})
+    return model(to(batch[0] if isinstance(batch, (tuple, list)) else batch))
+
+
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> int:
-    """Re-estimate every BatchNorm's running mean and variance from `batches` (inputs, or
-    (inputs, targets) pairs) as the plain average over the batches of their statistics, with
+    """Re-estimate every BatchNorm's running mean and variance from `batches` (inputs, (inputs,
+    targets) pairs or dicts of keyword arguments, moved to the model's device) as the plain average over the batches of their statistics, with
     the model as it is now: no gradient, no weight changes, every module's mode and each
     BatchNorm's momentum restored afterwards. Returns the number of batches used (0: nothing
     changed, e.g. a model without BatchNorm)."""
@@ -35,7 +49,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int 
             for batch in batches:
                 if max_batches is not None and used >= max_batches:
                     break
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                run_batch(model, batch)
                 used += 1
     finally:
         for m, momentum in momenta.items():

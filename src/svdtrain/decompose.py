@@ -40,7 +40,7 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
           current (freshly initialised) weight.
     skip: None, qualified module names, or a predicate (name, module) -> bool.
     calibration: with init="svd" and mode="channel", input batches (tensors, (x, y) tuples, or
-          dicts of keyword arguments) run through the model to factor each new layer
+          dicts of keyword arguments, whose attention_mask keeps padding out) run through the model to factor each new layer
           activation-aware (whiten.py): W S = U Σ V'^T with S from the layer's inputs,
           whiten="cholesky" (SVD-LLM: S the Cholesky factor of their second moment, slightly
           damped) or "diag" (ASVD: S = diag(mean |x|)^0.5); V^T = V'^T S^{-1}, so the outputs
@@ -93,8 +93,14 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
             # bypasses their SVD forward; this flag is read only by that path's check.
             m.activation_relu_or_gelu = 0
     if calibration is not None:
-        whiten_model(root, [m for new in done.values() for m in new.modules() if isinstance(m, SVDLayer)],
-                     calibration, whiten)
+        try:
+            whiten_model(root, [m for new in done.values() for m in new.modules() if isinstance(m, SVDLayer)],
+                         calibration, whiten)
+        except BaseException:  # the model as it was: its own layers back in place
+            for name, module in targets:
+                if id(module) in done:
+                    _set_submodule(root, name, module)
+            raise
     _log_coverage(root, done, left, skipped, records)
     if records is not None:
         profile(root, input_shape, example_inputs)  # the new layers' plans record their calls

@@ -140,7 +140,12 @@ def _budget(ctx: RunContext, reg: Regularizer, opt, total_steps: int) -> BudgetC
     return BudgetController(ctx.model, reg, input_shape=_deploy_shape(ctx) if r["target_latency"] else ctx.shape,
                             total_steps=total_steps, target_at=r["target_at"], keep_energy=p["keep_energy"],
                             mask=p["gradual"], optimizer=opt, score=p["score"],
-                            on_final=(lambda: unwhiten(ctx.model, opt)) if p["unwhiten"] else None, **target)
+                            on_final=(lambda: unwhiten(ctx.model, opt, every=_plain(ctx))) if p["unwhiten"] else None, **target)
+
+
+def _plain(ctx: RunContext) -> bool:
+    """Whitened layers trained with plain orthogonality keep no metric: unwhiten each layer."""
+    return ctx.cfg["decompose"]["orth_metric"] == "plain"
 
 
 def _deploy_shape(ctx: RunContext) -> tuple:
@@ -197,8 +202,8 @@ def prune_stage(ctx: RunContext) -> None:
         info["ranks"] = prune(ctx.model, macs_budget=budget, input_shape=ctx.shape, scores=scores)
     else:
         info["ranks"] = prune(ctx.model, keep_energy=p["keep_energy"])
-    if p["unwhiten"]:
-        unwhiten(ctx.model)  # a no-op where the gradual masks' end already did it
+    if p["unwhiten"]:  # where the gradual masks' end already did it: a no-op, or (every) plain SVDs again
+        unwhiten(ctx.model, every=_plain(ctx))
     if p["recalibrate"]:
         info["recalibrated_batches"] = recalibrate_batchnorm(ctx.model, ctx.train_loader, p["recalibrate"])
         if ctx.world > 1:  # each rank saw its own shard: keep rank 0's statistics everywhere

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import SVDMultiheadAttention
+from .calibrate import run_batch
 from .conv import SVDConv2d
 from .layers import SVDLayer, SVDLinear, svd_layers
 from .prune import zero_state
@@ -80,8 +81,13 @@ class Moment:
         self.layer, self.whiten, self.rows = layer, whiten, 0
         self.total = None
 
-    def add(self, x: torch.Tensor) -> None:
-        rows = input_rows(self.layer, x.detach()).double()  # float32 products err by more than the damping
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """x: the layer's input; mask: (batch, seq) bools of the real (unpadded) positions,
+        applied where x is a Linear input shaped (batch, seq, features)."""
+        x = x.detach()
+        if mask is not None and isinstance(self.layer, SVDLinear) and x.dim() == 3 and x.shape[:2] == mask.shape:
+            x = x[mask.to(x.device)]
+        rows = input_rows(self.layer, x).double()  # float32 products err by more than the damping
         part = rows.T @ rows if self.whiten == "cholesky" else rows.abs().sum(0)
         self.total = part.double() if self.total is None else self.total + part.double()
         self.rows += rows.shape[0]
@@ -100,6 +106,11 @@ class Moment:
                 return factor
             damping *= 10
         return torch.linalg.cholesky(mean + damping * eye)  # still not positive definite: its error
+
+
+class Overflow(ValueError):
+    """Whitened factors that do not fit the layer's dtype (float16 with inputs that are always
+    near zero in some direction): whiten_model keeps that layer's plain SVD."""
 
 
 def input_rows(layer: SVDLayer, x: torch.Tensor) -> torch.Tensor:
@@ -140,35 +151,27 @@ def whiten_layer(layer: SVDLayer, S: torch.Tensor) -> None:
         vh = vh / S
     else:  # V'^T S^{-1}: the solution X of X S = V'^T
         vh = torch.linalg.solve_triangular(S.to(vh.device), vh, upper=False, left=False)
-    for param, value in ((layer.U, u), (layer.s, s), (layer.V, vh.mT)):
+    pairs = ((layer.U, u), (layer.s, s), (layer.V, vh.mT), (layer.V, S))
+    if not all(bool(torch.isfinite(value.to(param.dtype)).all()) for param, value in pairs):
+        raise Overflow(f"the whitened factors overflow {layer.V.dtype} (inputs near zero in some "
+                       f"direction); the layer keeps its plain SVD")
+    for param, value in pairs[:3]:
         param.copy_(value.to(param.dtype))
     layer.set_metric(S)  # V^T C V = I: orthogonality is kept in the activation metric
-
-
-def _run(model: nn.Module, batch) -> None:
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else None
-
-    def to(t):
-        return t.to(device) if torch.is_tensor(t) and device is not None else t
-
-    if isinstance(batch, dict):
-        model(**{k: to(v) for k, v in batch.items()})
-    elif isinstance(batch, (tuple, list)):
-        model(to(batch[0]))
-    else:
-        model(to(batch))
 
 
 def collect_moments(model: nn.Module, layers: Iterable[SVDLayer], batches: Iterable, whiten: str) -> tuple[dict, int]:
     """Run `batches` through `model` (eval mode, no grad; every module's mode restored) with a
     forward pre-hook on each of `layers`; returns ({layer: Moment}, number of batches). A batch
-    is a tensor, an (x, y, ...) tuple or list (x is passed), or a dict of keyword arguments."""
+    is a tensor, an (x, y, ...) tuple or list (x is passed), or a dict of keyword arguments;
+    a dict's `attention_mask` (batch, seq) drops padded positions from the rows of every
+    Linear input shaped (batch, seq, features)."""
     moments = {layer: Moment(layer, whiten) for layer in layers}
+    current = {"mask": None}
 
     def hook(module, args, kwargs):
         x = args[0] if args else next(iter(kwargs.values()))
-        moments[module].add(x)
+        moments[module].add(x, current["mask"])
 
     handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in moments]
     modes = {m: m.training for m in model.modules()}
@@ -177,7 +180,9 @@ def collect_moments(model: nn.Module, layers: Iterable[SVDLayer], batches: Itera
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                _run(model, batch)
+                mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+                current["mask"] = mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
+                run_batch(model, batch)
                 used += 1
     finally:
         for h in handles:
@@ -197,31 +202,37 @@ def whiten_model(model: nn.Module, layers: Iterable[SVDLayer], batches: Iterable
     moments, used = collect_moments(model, layers, batches, whiten)
     if used == 0:
         raise ValueError("calibration gave no batches")
-    unseen = []
+    unseen, overflow = [], []
     for layer, moment in moments.items():
         if moment.rows == 0 or not bool(moment.total.abs().sum() > 0):
             unseen.append(layer)
             continue
-        whiten_layer(layer, moment.matrix())
+        try:
+            whiten_layer(layer, moment.matrix())
+        except Overflow:
+            overflow.append(layer)
     names = {id(m): n for n, m in model.named_modules()}
-    log.info("svdtrain: whitened %d layers (%s) on %d calibration batches", len(layers) - len(unseen), whiten, used)
-    if unseen:
-        log.warning("svdtrain: no calibration input reached %s: plain SVD kept",
-                    ", ".join(names.get(id(m), "?") for m in unseen[:8]))
+    log.info("svdtrain: whitened %d layers (%s) on %d calibration batches",
+             len(layers) - len(unseen) - len(overflow), whiten, used)
+    for left, why in ((unseen, "no calibration input reached"),
+                      (overflow, "whitened factors overflow the dtype of")):
+        if left:
+            log.warning("svdtrain: %s %s: plain SVD kept", why, ", ".join(names.get(id(m), "?") for m in left[:8]))
     return used
 
 
 @torch.no_grad()
-def unwhiten(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Re-factor each whitened SVD layer of `model` (one with a metric) at its active rank as the
-    plain SVD of the same matrix, and drop its metric: the outputs are unchanged, U and V are
+def unwhiten(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, every: bool = False) -> int:
+    """Re-factor each whitened SVD layer of `model` (one with a metric; with `every`, each SVD
+    layer: a whitened one whose metric was dropped for plain orthogonality has none) at its
+    active rank as the plain SVD of the same matrix, and drop its metric: the outputs are unchanged, U and V are
     orthonormal in the plain metric again (the orthogonality term starts at ~0), and training
     goes on in the plain parametrization once the whitened spectrum has chosen the ranks (the
     whitened V, V'^T S^{-1}, is badly conditioned for SGD). The optimizer's state of those
     factors is zeroed (it belongs to the old parametrization). Returns the layers re-factored."""
     done = 0
     for _, layer in svd_layers(model):
-        if getattr(layer, "metric", None) is None:
+        if getattr(layer, "metric", None) is None and not every:
             continue
         idx = layer.active.nonzero().squeeze(1)
         u, s, v = (f.detach().double() for f in layer.factors())
