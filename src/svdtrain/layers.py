@@ -93,7 +93,7 @@ class SVDLayer(nn.Module):
                               unexpected_keys, error_msgs):
         key = prefix + "metric"  # a whitened layer's metric: made here, filled by the load
         if key in state_dict and "metric" not in self._buffers:
-            self.register_buffer("metric", torch.empty_like(state_dict[key], device=self.V.device))
+            self.register_buffer("metric", torch.empty_like(state_dict[key], dtype=self.V.dtype, device=self.V.device))
         elif key not in state_dict:
             self._buffers.pop("metric", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,

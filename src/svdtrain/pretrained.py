@@ -5,7 +5,9 @@
 
 The safetensors file holds the model's tensors (the factors, masks and every other weight;
 a tensor shared under two names once); the JSON holds the plan of each SVD layer (rank, form,
-conv view, recorded calls), the decomposition mode and the svdtrain version. Needs
+recorded calls; its type, matrix shape and, for a conv, kernel and mode, checked on load), the
+other names of a layer shared under several, and the svdtrain version. A load that does not fit
+is refused before any tensor is copied, and `from_pretrained` then leaves the base model as it was. Needs
 `safetensors` (`pip install svdtrain[hf]`).
 """
 from __future__ import annotations
@@ -38,6 +40,8 @@ def save_pretrained(model: nn.Module, directory) -> Path:
     if not layers:
         raise ValueError("save_pretrained: the model has no SVD layers (decompose it first)")
     out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"save_pretrained: {out} is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     tensors, seen = {}, set()
     for name, value in model.state_dict(keep_vars=False).items():
@@ -49,12 +53,25 @@ def save_pretrained(model: nn.Module, directory) -> Path:
         seen.add(key)
         tensors[name] = value.detach().cpu().contiguous()
     modes = {n: layer.mode for n, layer in layers.items() if isinstance(layer, SVDConv2d) and layer.kernel_size != (1, 1)}
+    first = {id(m): n for n, m in layers.items()}
+    aliases = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False)
+               if id(m) in first and n != first[id(m)]}  # a layer shared under another name
     plan = {"svdtrain_version": __version__, "mode": next(iter(modes.values()), "channel"),
-            "layers": {n: {"rank": layer.rank, "full_rank": layer.full_rank, **layer.plan.state()}
-                       for n, layer in layers.items()}}
+            "layers": {n: {"rank": layer.rank, "full_rank": layer.full_rank, **_shape(layer), **layer.plan.state()}
+                       for n, layer in layers.items()},
+            "aliases": aliases}
     _safetensors().save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
     return out
+
+
+def _shape(layer) -> dict:
+    """What a layer must match to take the saved factors: its type, matrix view and, for a
+    conv, its kernel and mode (two convs of transposed kernels share a matrix shape)."""
+    shape = {"kind": type(layer).__name__, "matrix": [layer.rows, layer.cols]}
+    if isinstance(layer, SVDConv2d):
+        shape.update(kernel_size=list(layer.kernel_size), mode=layer.mode)
+    return shape
 
 
 def read_plan(directory) -> dict:
@@ -73,14 +90,25 @@ def read_plan(directory) -> dict:
 def from_pretrained(base_model: nn.Module, directory) -> nn.Module:
     """Decompose a freshly built `base_model` as the saved one was (same layers, mode) and load
     the saved factors, masks, weights and plans into it; returns it."""
-    from .decompose import decompose
+    from .decompose import _set_submodule, decompose
     plan = read_plan(directory)
-    names = set(plan["layers"])
+    own = dict(base_model.named_modules(remove_duplicate=False))
+    aliases = plan.get("aliases", {})
+    modes = {n: saved.get("mode", plan["mode"]) for n, saved in plan["layers"].items()}
+    modes.update({alias: modes[n] for alias, n in aliases.items() if n in modes})
+    for mode in sorted(set(modes.values())):  # a saved model may mix channel and spatial convs
+        names = {n for n, m in modes.items() if m == mode}
 
-    def skip(name, module):  # a layer kind the saved model left dense
-        return not any(n == name or n.startswith(name + ".") for n in names)
-    decompose(base_model, mode=plan["mode"], init="random", skip=skip)
-    return load_into(base_model, directory, plan)
+        def skip(name, module, names=names):  # a layer kind the saved model left dense, or of another mode
+            return not any(n == name or n.startswith(name + ".") for n in names)
+        decompose(base_model, mode=mode, init="random", skip=skip)
+    try:
+        return load_into(base_model, directory, plan)
+    except BaseException:  # the base model as it was: its own layers back in place
+        for name, module in own.items():
+            if name and base_model.get_submodule(name) is not module:
+                _set_submodule(base_model, name, module)
+        raise
 
 
 def load_into(model: nn.Module, directory, plan: dict | None = None) -> nn.Module:
@@ -96,10 +124,17 @@ def load_into(model: nn.Module, directory, plan: dict | None = None) -> nn.Modul
         if saved["full_rank"] != layers[name].full_rank:
             raise ValueError(f"{directory} does not match this model: {name} has full rank "
                              f"{layers[name].full_rank}, saved {saved['full_rank']}")
+        have = _shape(layers[name])
+        for key in (k for k in have if k in saved and saved[k] != have[k]):  # older plans lack these keys
+            raise ValueError(f"{directory} does not match this model: {name} has {key} {have[key]}, saved {saved[key]}")
     state = _safetensors().load_file(str(Path(directory) / WEIGHTS))
     for name, saved in plan["layers"].items():
         state[f"{name}._extra_state" if name else "_extra_state"] = saved
     own = {k: v for k, v in model.state_dict().items() if hasattr(v, "data_ptr")}
+    wrong = [k for k, v in state.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    if wrong:  # before any tensor is copied
+        raise ValueError(f"{directory} does not match this model: {wrong[0]} has shape {tuple(own[wrong[0]].shape)}, "
+                         f"saved {tuple(state[wrong[0]].shape)}")
     loaded = {own[k].data_ptr() for k in state if k in own}
     shared = {k for k, v in own.items() if k not in state and v.numel() and v.data_ptr() in loaded}  # tied
     result = model.load_state_dict(state, strict=False)
