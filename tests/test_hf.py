@@ -143,3 +143,52 @@ def test_the_core_never_imports_transformers_or_safetensors():
             "print('transformers' in sys.modules, 'safetensors' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.split() == ["False", "False"], out.stderr[-1000:]
+
+
+def _one_step(ga: int, reg, out, data):
+    """One optimizer step of plain SGD over the same 4 sequences, in 4 / ga micro-batches; the
+    change of one layer's singular values."""
+    from svdtrain.hf_trainer import SVDTrainer
+    torch.manual_seed(0)
+    model = svdtrain.decompose(gpt2().train())
+    before = model.transformer.h[0].mlp.c_fc.s.detach().clone()
+    args = T.TrainingArguments(output_dir=str(out), max_steps=1, per_device_train_batch_size=4 // ga,
+                               gradient_accumulation_steps=ga, learning_rate=0.1, optim="sgd",
+                               lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], use_cpu=True,
+                               save_strategy="no", disable_tqdm=True)
+    SVDTrainer(model=model, args=args, train_dataset=data, regularizer=reg).train()
+    return model.transformer.h[0].mlp.c_fc.s.detach() - before
+
+
+def test_the_regularizer_counts_once_per_step_under_gradient_accumulation(tmp_path):
+    """GPT-2 normalises its loss by the batch's token count, so transformers does not divide it
+    by the accumulation steps: the regularizer's share of an SGD step is -lr * its gradient,
+    whatever the number of micro-batches."""
+    torch.manual_seed(1)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(2, 97, (4, 12))]
+    reg, off = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.5), svdtrain.Regularizer(orth=0.0, sparsity=None)
+    torch.manual_seed(0)
+    model = svdtrain.decompose(gpt2().train())
+    s = model.transformer.h[0].mlp.c_fc.s
+    want = -0.1 * torch.autograd.grad(reg(model), s)[0]
+    for ga in (1, 4):
+        share = _one_step(ga, reg, tmp_path / f"reg{ga}", data) - _one_step(ga, off, tmp_path / f"off{ga}", data)
+        assert torch.allclose(share, want, rtol=1e-3, atol=1e-7), ga
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+    from svdtrain.hf_trainer import SVDTrainer
+    torch.manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(2, 97, (8, 12))]
+    args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                               eval_strategy="steps", eval_steps=2, save_steps=2, load_best_model_at_end=True,
+                               metric_for_best_model="loss", greater_is_better=True, report_to=[], use_cpu=True,
+                               logging_steps=100, disable_tqdm=True)
+    trainer = SVDTrainer(model=svdtrain.decompose(gpt2().train()), args=args, train_dataset=data,
+                         eval_dataset=data[:4], regularizer=svdtrain.Regularizer())
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")  # the highest loss: an early one
+    saved = load_file(f"{best}/svdtrain_model.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in trainer.model.state_dict().items() if k in saved)

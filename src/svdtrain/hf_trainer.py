@@ -30,7 +30,9 @@ class SVDTrainer(Trainer):
     state of them zeroed) after every optimizer step; `example_inputs` is one batch of the
     model's positional inputs for its MACs. Checkpoints hold the SVD form
     (`svdtrain.save_pretrained`) and the controller's state, so `train(resume_from_checkpoint=...)`
-    continues where the run stopped. The model must be decomposed already."""
+    continues where the run stopped, and `load_best_model_at_end` loads the best one's. Under
+    gradient accumulation the regularizer counts once per optimizer step. The model must be
+    decomposed already."""
 
     def __init__(self, *args, regularizer: Regularizer, budget: dict | None = None, example_inputs=None,
                  **kwargs):
@@ -45,8 +47,17 @@ class SVDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss, outputs = out if return_outputs else (out, None)
-        loss = loss + self.regularizer(unwrap(model))
+        loss = loss + self.regularizer(unwrap(model)) / self._ga_divisor(num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _ga_divisor(self, num_items_in_batch) -> int:
+        """What makes the regularizer count once per optimizer step under gradient accumulation:
+        the micro-batch count where transformers will not divide the loss by it itself (a loss
+        normalised by `num_items_in_batch`, its test in training_step), else 1."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        return getattr(self, "current_gradient_accumulation_steps", 1) if scaled and self.model.training else 1
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -59,6 +70,9 @@ class SVDTrainer(Trainer):
             with open(os.path.join(output_dir, BUDGET_FILE), "w") as f:
                 json.dump(self.budget.state_dict(), f)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_best_model(self) -> None:  # load_best_model_at_end: the best checkpoint's SVD form
+        load_into(unwrap(self.model), self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         load_into(unwrap(model if model is not None else self.model), resume_from_checkpoint)
