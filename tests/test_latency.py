@@ -143,3 +143,54 @@ def test_a_latency_budget_is_checked_on_the_whole_model_and_the_allocation_corre
         return whole_model_slow_timer(svdtrain.export(model, example_inputs=(x,)), (x,)) / dense_time
     assert abs(shipped(0) - 0.6) > 0.05 * 0.6  # the sum of parts alone misses
     assert abs(shipped(3) - 0.6) <= 0.05 * 0.6
+
+
+def _ramp(model, timer=None, finals=None, **target):
+    """A controller over 40 steps whose ramp ends at step 18 (updates every 4)."""
+    reg = svdtrain.Regularizer(orth=1.0, sparsity="hoyer", strength=0.005)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    c = svdtrain.BudgetController(model, reg, input_shape=(1, 32), total_steps=40, every=4, target_at=0.45,
+                                  mask=True, optimizer=opt, timer=timer, **target,
+                                  on_final=None if finals is None else lambda: finals.append(c.steps))
+    return reg, opt, c
+
+
+def _train(model, parts, steps, x, y):
+    reg, opt, c = parts
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y) + reg(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        c.step()
+
+
+@pytest.mark.parametrize("target", [{"target_macs": 0.4}, {"target_latency": 0.6}])
+def test_a_run_resumed_after_the_ramp_ends_equals_the_uninterrupted_one(target):
+    """A checkpoint between the ramp's end (step 18) and the update that ends the masks (step 20):
+    the resumed run calls on_final at the same step; with a latency target, a checkpoint after
+    the forms were pinned (step 30) builds its controller again, and both end as the
+    uninterrupted run does."""
+    torch.manual_seed(0)
+    base = svdtrain.decompose(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)), input_shape=(1, 32))
+    x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    timer = macs_timer if "target_latency" in target else None
+    whole, finals = copy.deepcopy(base), []
+    _train(whole, _ramp(whole, timer, finals, **target), 40, x, y)
+    assert finals == [20]
+    for stop in (18, 30):
+        first, seen = copy.deepcopy(base), []
+        parts = _ramp(first, timer, seen, **target)
+        _train(first, parts, stop, x, y)
+        saved = [copy.deepcopy(p.state_dict()) for p in (first, parts[1], parts[2])]
+        resumed, later = copy.deepcopy(base), []
+        resumed.load_state_dict(saved[0])  # forms pinned at step 20 come back with the plans
+        parts = _ramp(resumed, timer, later, **target)
+        parts[1].load_state_dict(saved[1])
+        parts[2].load_state_dict(saved[2])
+        _train(resumed, parts, 40 - stop, x, y)
+        assert seen + later == [20], stop
+        assert [m.plan.form for _, m in svdtrain.svd_layers(resumed)] == \
+            [m.plan.form for _, m in svdtrain.svd_layers(whole)]
+        for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+            assert a == b if not torch.is_tensor(a) else torch.allclose(a, b, atol=1e-5), (stop, name)

@@ -238,12 +238,14 @@ class BudgetController:
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "start": self.start, "last": self.last, "slope": self.slope,
-                "strength": self.reg.strength,
+                "strength": self.reg.strength, "masked": self.masked,
                 "importance": self.importance.state_dict() if self.importance is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.start, self.last, self.slope = state["steps"], state["start"], state["last"], state["slope"]
-        self._set_masked(self.mask and not self._ramp_done())
+        # masked until the step that ends the ramp runs on_final (a state saved between the
+        # ramp's end and that step is still masked); states without the key: by the schedule
+        self._set_masked(state["masked"] if "masked" in state else self.mask and not self._ramp_done())
         self.reg.strength = state["strength"]
         if self.importance is not None and state.get("importance") is not None:
             self.importance.load_state_dict(state["importance"])

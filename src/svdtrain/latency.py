@@ -106,8 +106,9 @@ class LatencyTable:
     its factor pair's at a grid of ranks (linear in between), over the calls its plan recorded;
     the rest of the model costs the dense model's measured time minus those layers' dense times.
     The cost table of `prune(latency_budget=...)` and `BudgetController(target_latency=...)`.
-    Layers whose form is pinned when it is built, or whose `.weight` other code reads (they ship
-    dense), count as they run, in the fixed part."""
+    Layers whose form is pinned when it is built (by the user; not by an earlier table's
+    pin_forms), or whose `.weight` other code reads (they ship dense), count as they run, in the
+    fixed part."""
 
     def __init__(self, model: nn.Module, input_shape=None, example_inputs=None, round_to: int = 1,
                  timer: Callable = wall_time):
@@ -116,7 +117,7 @@ class LatencyTable:
         self.names = {id(m): n for n, m in svd_layers(model)}
         # free: not pinned, called, and no code outside reads its .weight (such a layer ships dense)
         self.layers = {id(m): m for _, m in svd_layers(model)
-                       if m.plan.form == "auto" and m.plan.calls and not m.plan.reads_weight}
+                       if (m.plan.form == "auto" or m.plan.timed) and m.plan.calls and not m.plan.reads_weight}
         p = next(model.parameters())
         # Building the timed layers draws their (discarded) initial weights: the caller's random
         # stream is left as it was, so a training run does not depend on whether it was timed.
@@ -139,6 +140,7 @@ class LatencyTable:
         """Pin each layer to the form that is faster at its active rank (what export then ships)."""
         for key, layer in self.layers.items():
             layer.set_form("factored" if self.factored_is_faster(key, layer.rank) else "dense")
+            layer.plan.timed = True
 
     def fraction(self, ranks: dict[int, int]) -> float:
         """Predicted time at these ranks ({key: rank}) as a fraction of the dense model's."""

@@ -114,7 +114,7 @@ class SVDLayer(nn.Module):
         of the exported layer), "factored", or "auto" (the cheaper, by the plan's cost rule)."""
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        self.plan.form = form
+        self.plan.form, self.plan.timed = form, False
 
     @property
     def forward_path(self) -> str:

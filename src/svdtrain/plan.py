@@ -41,6 +41,8 @@ class Plan:
         layer read its `.weight`, so its shipped form must keep one (it ships dense).
     masked: ranks are moving (gradual pruning): the forward runs at full width times the
         mask, so compiled graphs do not depend on the rank.
+    timed: the form was pinned by a latency table (the faster at the rank), not by the user:
+        a later table (a resumed run) times the layer again as a free one.
     """
     rank: int
     rows: int
@@ -51,6 +53,7 @@ class Plan:
     calls: list[Call] = field(default_factory=list)
     reads_weight: bool = False
     masked: bool = False
+    timed: bool = False
 
     def refresh(self, mask: torch.Tensor) -> None:
         """Read the mask into rank and idx."""
@@ -91,7 +94,7 @@ class Plan:
 
     # ----- saved with the layer's state -----
     def state(self) -> dict:
-        return {"form": self.form, "reads_weight": self.reads_weight,
+        return {"form": self.form, "reads_weight": self.reads_weight, "timed": self.timed,
                 "calls": [[list(c.shape), c.dense, c.per_rank] for c in self.calls]}
 
     def load(self, state: dict) -> None:
@@ -100,6 +103,7 @@ class Plan:
             raise ValueError(f"saved layer form must be one of {FORMS}, got {form!r}")
         self.form = form
         self.reads_weight = bool(state.get("reads_weight", False))
+        self.timed = bool(state.get("timed", False))
         self.calls = [Call(tuple(shape), int(d), int(r)) for shape, d, r in state.get("calls", [])]
 
 
