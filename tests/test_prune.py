@@ -237,3 +237,30 @@ def test_macs_budget_allocation_matches_the_brute_force_optimum():
             got = list(svdtrain.prune(model, macs_budget=budget, input_shape=shape).values())
             assert svdtrain.count_macs(model, shape) <= budget * dense
             assert _lost_share(spectra, got) <= best + 1e-3, (seed, budget, got, best)
+
+
+def test_floors_and_bad_inputs_are_one_line_errors():
+    """round_to raises the floor (ranks are its multiples); a rank-0 layer prunes; bad
+    keep_energy, round_to and input_shape are refused with one line."""
+    model = _model_with_s([4.0, 3.0, 2.0, 1.0] * 4, [4.0, 3.0, 2.0, 1.0] * 4)  # two 16 x 16 layers
+    dense = svdtrain.count_macs(model, (1, 16), cost="dense")
+    floor8 = 2 * 8 * 32 / dense  # rank 8 in both layers, by hand: 2 x 8 x (16 + 16) MACs
+    with pytest.raises(ValueError, match=f"below what rank 8 everywhere reaches \\({floor8:.3f} of dense MACs\\)"):
+        svdtrain.prune(model, macs_budget=0.25, input_shape=(1, 16), round_to=8)
+    assert svdtrain.ranks(model) == {"0": 16, "1": 16}
+    reg = svdtrain.Regularizer(sparsity="hoyer")
+    for bad, match in (({"round_to": 0}, "round_to must be an integer >= 1"),
+                       ({"keep_energy": float("nan")}, "keep_energy must be in"),
+                       ({"keep_energy": 99.99}, "keep_energy must be in"),
+                       ({"round_to": 8, "target_macs": 0.25}, "below the rank-8 floor")):
+        kw = {"target_macs": 0.5, **bad}
+        with pytest.raises(ValueError, match=match):
+            svdtrain.BudgetController(model, reg, input_shape=(1, 16), total_steps=10, **kw)
+    with pytest.raises(ValueError, match="input_shape must be a sequence of ints"):
+        svdtrain.prune(model, macs_budget=0.5, input_shape=32)
+    model[0].set_active(torch.zeros(16, dtype=torch.bool))
+    # layer 1: energies 16, 9, 4, 1 four times each (120); 85% is 102, first reached by 9 values
+    assert svdtrain.prune(model, keep_energy=0.85) == {"0": 0, "1": 9}
+    with pytest.raises(ValueError, match="latency_budget 0.01 is below what rank 1 everywhere reaches"):
+        svdtrain.prune(_model_with_s([2.0, 1.0], [2.0, 1.0]), latency_budget=0.01, input_shape=(1, 2),
+                       timer=lambda module, inputs: 1e-6 * sum(p.numel() for p in module.parameters()))

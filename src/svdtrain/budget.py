@@ -140,7 +140,11 @@ class BudgetController:
         self.mask, self.optimizer, self.inputs = mask, optimizer, {"input_shape": input_shape,
                                                                    "example_inputs": example_inputs}
         self._records = profile(model, **self.inputs)
-        floor, self.dense_macs = rank_floor(self._records)
+        if not (isinstance(round_to, int) and round_to >= 1):
+            raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
+        if not (isinstance(keep_energy, (int, float)) and 0.0 < keep_energy <= 1.0):
+            raise ValueError(f"keep_energy must be in (0, 1], got {keep_energy!r}")
+        floor, self.dense_macs = rank_floor(self._records, round_to)
         floor /= self.dense_macs
         self.what, self.table = "MACs", None
         if kind == "latency":
@@ -149,7 +153,7 @@ class BudgetController:
             self.table = LatencyTable(model, input_shape, example_inputs, round_to, timer or wall_time)
             floor = self.table.floor()
         if self.target < floor:
-            raise ValueError(f"target_{kind} {self.target:g} is below the rank-1 floor: rank 1 in every SVD layer "
+            raise ValueError(f"target_{kind} {self.target:g} is below the rank-{round_to} floor: rank {round_to} in every SVD layer "
                              f"keeps {floor:.3f} of dense {self.what}")
         self.round_to, self.on_final = round_to, on_final
         self._set_masked(mask)
@@ -213,6 +217,7 @@ class BudgetController:
         """Gradual pruning: mask the lowest-scored singular values (prune's macs_budget rule, or
         latency_budget's over the table) until the deploy cost is at most `fraction` of dense;
         never unmasks."""
+        fraction = min(fraction, 1.0)  # a schedule that starts above dense (table's parts > whole)
         if self.table is not None:
             deployed = self.table.now()
         else:

@@ -125,7 +125,7 @@ class LatencyTable:
             self.times = {key: layer_times(layer, timer, round_to) for key, layer in self.layers.items()}
             self.dense_seconds = timer(dense_export(model, inputs), inputs)
         self.fixed = max(0.0, self.dense_seconds - sum(d for d, _ in self.times.values()))
-        self.inputs, self.timer = inputs, timer
+        self.inputs, self.timer, self.round_to = inputs, timer, round_to
 
     def cost(self, key: int, k: int) -> float:
         """Seconds of layer `key` as shipped at rank k: the faster of its pair and its dense form."""
@@ -173,8 +173,9 @@ class LatencyTable:
             return self.timer(export(unwrap(trial), example_inputs=self.inputs), self.inputs) / self.dense_seconds
 
     def floor(self) -> float:
-        """The fraction at rank 1 in every layer: no latency budget below it can be met."""
-        return self.fraction({key: 1 for key in self.layers})
+        """The fraction at the lowest rank in every layer (1, or round_to where ranks are its
+        multiples): no latency budget below it can be met."""
+        return self.fraction({key: min(self.round_to, layer.full_rank) for key, layer in self.layers.items()})
 
 
 def prune_to_latency(model: nn.Module, budget: float, input_shape=None, example_inputs=None, importance=None,
@@ -196,6 +197,9 @@ def prune_to_latency(model: nn.Module, budget: float, input_shape=None, example_
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"latency_budget must be in (0, 1], got {budget!r}")
     table = table or LatencyTable(model, input_shape, example_inputs, round_to, timer)
+    if budget < table.floor():
+        raise ValueError(f"latency_budget {budget:g} is below what rank {round_to} everywhere reaches "
+                         f"({table.floor():.3f} of the dense model's time)")
     importance = _importance(model, importance)
     def ranks_at(target):
         return allocate(table.layers, table.names, importance, table.cost, table.fixed, target * table.dense_seconds,

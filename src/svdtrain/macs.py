@@ -143,7 +143,11 @@ def as_inputs(model: nn.Module, input_shape=None, example_inputs=None) -> tuple:
     p = next(model.parameters(), None)
     device = p.device if p is not None else "cpu"
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    return (torch.zeros(tuple(input_shape), device=device, dtype=dtype),)
+    try:
+        shape = tuple(int(d) for d in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_shape must be a sequence of ints, e.g. (1, 3, 32, 32), got {input_shape!r}") from None
+    return (torch.zeros(shape, device=device, dtype=dtype),)
 
 
 def profile(model: nn.Module, input_shape=None, example_inputs=None) -> list[LayerCost]:

@@ -11,8 +11,11 @@ from .macs import LayerCost, profile
 
 
 def energy_rank(s: torch.Tensor, keep_energy: float) -> int:
-    """Smallest k such that the k largest s_i^2 hold >= keep_energy of sum s_i^2 (k >= 1)."""
+    """Smallest k such that the k largest s_i^2 hold >= keep_energy of sum s_i^2 (k >= 1, or 0
+    for no values)."""
     e = s.detach().double().pow(2).sort(descending=True).values
+    if e.numel() == 0:
+        return 0  # a layer with no active value keeps none
     if keep_energy >= 1.0:
         # Exactly all the energy: every nonzero value (float cumsums may stall before).
         return max(1, int((e > 0).sum()))
@@ -47,8 +50,9 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
         loses the importance of the values it drops (by default each value's energy share,
         s_i^2 / sum_j s_j^2 of its layer) and costs its deploy MACs over every call (the
         plan's rule: the factor pair, or the dense layer where that is cheaper, as `export`
-        builds it). The total importance lost is minimised under the budget over each
-        layer's lower convex hull of (MACs, importance lost): hull segments are taken cheapest
+        builds it). The total importance lost is kept low under the budget greedily over each
+        layer's lower convex hull of (MACs, importance lost), not solved exactly (a brute force
+        over small cases sometimes finds a better integer allocation): hull segments are taken cheapest
         first (least importance per MAC saved, never a layer's last value) until the budget
         holds, then values are given back, most importance per MAC first, while it still
         holds. The hull lets a layer above its crossover (dense: one value saves nothing) go
@@ -137,12 +141,13 @@ def _importance(model: nn.Module, scores):
     return lambda name, layer: checked[name]
 
 
-def rank_floor(records: list[LayerCost]) -> tuple[int, int]:
-    """(deploy MACs at rank 1 in every SVD layer, dense MACs) of a profiled pass: no budget
-    below floor / dense can be met by pruning singular values."""
+def rank_floor(records: list[LayerCost], round_to: int = 1) -> tuple[int, int]:
+    """(deploy MACs at the lowest rank in every SVD layer, dense MACs) of a profiled pass: no
+    budget below floor / dense can be met by pruning singular values. The lowest rank is 1, or
+    `round_to` where ranks are its multiples (a layer's full rank if smaller)."""
     layers = {id(r.module): r.module for r in records if isinstance(r.module, SVDLayer)}
     fixed = sum(r.macs() for r in records if not isinstance(r.module, SVDLayer))
-    return (fixed + sum(layer.plan.macs(1) for layer in layers.values()),
+    return (fixed + sum(layer.plan.macs(min(round_to, layer.full_rank)) for layer in layers.values()),
             sum(r.macs("dense") for r in records))
 
 
@@ -153,10 +158,10 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
     if input_shape is None and example_inputs is None:
         raise ValueError("macs_budget needs input_shape, e.g. (1, 3, 32, 32), or example_inputs")
     records = profile(model, input_shape, example_inputs)  # records each layer's calls in its plan
-    floor, dense_total = rank_floor(records)
+    floor, dense_total = rank_floor(records, round_to)
     target = budget * dense_total
     if floor > target:
-        raise ValueError(f"macs_budget {budget:g} is below what rank 1 everywhere reaches "
+        raise ValueError(f"macs_budget {budget:g} is below what rank {round_to} everywhere reaches "
                          f"({floor / dense_total:.3f} of dense MACs)")
     names = {id(m): n for n, m in svd_layers(model)}
     svd: dict[int, SVDLayer] = {}  # the layers whose rank is free, in call order
