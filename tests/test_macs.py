@@ -137,3 +137,36 @@ def test_token_model_counts_prunes_and_exports_with_example_inputs():
         assert torch.allclose(compact(ids), model(ids), atol=1e-5)
     with pytest.raises(ValueError, match="example_inputs"):
         svdtrain.count_macs(model)
+
+
+class _TiedHead(nn.Module):
+    """The output reuses the first layer's weight (a tied head): F.linear(..., a.weight.T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64, bias=False), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return F.linear(self.b(self.a(x)), self.a.weight.T)
+
+
+def test_a_tied_weight_read_is_not_counted_as_the_models_work(caplog):
+    """Reading an SVD layer's .weight rebuilds U diag(s) V^T: that product is not the model's
+    work (the dense model stores the weight, and the layer ships dense). By hand: a 32 x 64,
+    b 64 x 64 + 64 x 64 bias-free product, tied 64 x 32, per row: 2048 + 4096 + 2048."""
+    import torch
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+    dense = 4 * (2048 + 4096 + 2048)
+    model = _TiedHead()
+    assert svdtrain.count_macs(model, example_inputs=x) == dense
+    svd = svdtrain.decompose(_TiedHead(), example_inputs=x)
+    assert svdtrain.count_macs(svd, example_inputs=x, cost="dense") == dense
+    assert svdtrain.count_macs(svd, example_inputs=x) == dense  # b's pair at full rank costs more: dense
+    svdtrain.prune(svd, macs_budget=0.6, example_inputs=x)  # b alone can bring it there
+    assert svdtrain.count_macs(svd, example_inputs=x) <= 0.6 * dense
+    assert svdtrain.count_macs(svdtrain.export(svd, example_inputs=x), example_inputs=x) == \
+        svdtrain.count_macs(svd, example_inputs=x)
+    with caplog.at_level("WARNING", logger="svdtrain"):
+        svdtrain.export(svdtrain.decompose(_TiedHead()))
+    assert "no forward pass was profiled" in caplog.text

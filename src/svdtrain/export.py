@@ -45,7 +45,8 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
     models that take token ids, several inputs or another dtype.
 
     trace=True returns a torch.fx GraphModule, so the result holds no svdtrain class at all
-    and unpickles without svdtrain; models that torch.fx cannot trace fall back (logged) to
+    and unpickles without svdtrain (except where factored attention ships: its graph calls
+    `svdtrain.attention.attend`; torch.export or ONNX export it without svdtrain); models that torch.fx cannot trace fall back (logged) to
     a copy of the model's own structure. The original model is not changed.
     """
     if choose not in ("macs", "latency"):
@@ -56,6 +57,9 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
     if not any(isinstance(m, SVDLayer) for m in unwrap(model).modules()):
         log.warning("svdtrain: export: the model has no SVD layers (was it decomposed?); "
                     "returning a copy of it as it is")
+    if not sized and not any(m.plan.calls for m in unwrap(model).modules() if isinstance(m, SVDLayer)):
+        log.warning("svdtrain: export: no forward pass was profiled (give input_shape or example_inputs): "
+                    "a layer whose .weight other code reads (a tied head) is not known and may ship factored")
     compact = copy.deepcopy(unwrap(model)).eval()  # what ships runs in eval mode (traced so too)
     if sized:
         profile(compact, input_shape, example_inputs)  # each plan records its calls at these sizes

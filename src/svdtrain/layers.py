@@ -157,6 +157,13 @@ class SVDLayer(nn.Module):
         layer then ships dense, since its exported form must still have a `.weight`."""
         if Recording.active:
             self.plan.reads_weight = True
+            counter = Recording.products
+            if counter is not None:
+                counter.depth += 1  # the rebuild is not the model's work
+                try:
+                    return self.dense_weight()
+                finally:
+                    counter.depth -= 1
         return self.dense_weight()
 
     def dense_weight(self) -> torch.Tensor:

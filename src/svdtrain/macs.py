@@ -183,13 +183,13 @@ def profile(model: nn.Module, input_shape=None, example_inputs=None) -> list[Lay
     modes = {m: m.training for m in model.modules()}
     for _, layer in svd_layers(model):
         layer.plan.calls, layer.plan.reads_weight = [], False
-    Recording.active = True
+    Recording.active, Recording.products = True, products
     try:
         model.eval()
         with torch.no_grad(), products:
             model(*inputs)
     finally:
-        Recording.active = False
+        Recording.active, Recording.products = False, None
         for m, training in modes.items():
             m.training = training
         for h in handles:

@@ -110,5 +110,8 @@ class Plan:
 class Recording:
     """Set while `profile` runs its forward pass: SVD layers append their calls, and a read of
     `.weight` from outside a layer's own forward is noted in its plan. Outside a profiled pass
-    reading `.weight` has no side effect."""
+    reading `.weight` has no side effect. `products`: the pass's counter of products outside
+    counted modules, which must not count the U diag(s) V^T a `.weight` read rebuilds (the
+    dense layer, and the dense form such a layer ships as, have that weight stored)."""
     active = False
+    products = None
