@@ -192,3 +192,20 @@ def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path):
     assert best is not None and not best.endswith("checkpoint-6")  # the highest loss: an early one
     saved = load_file(f"{best}/svdtrain_model.safetensors")
     assert all(torch.equal(v, saved[k]) for k, v in trainer.model.state_dict().items() if k in saved)
+
+
+def test_a_tied_output_head_stays_dense_and_hugging_face_apis_work(caplog):
+    """GPT-2's lm_head holds the token embedding's weight: factoring it would untie the two
+    (and add parameters); it stays dense, with its reason logged, so tie_weights and
+    resize_token_embeddings still work."""
+    model, (ids,) = small("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with caplog.at_level("WARNING", logger="svdtrain"):
+        svd = svdtrain.decompose(copy.deepcopy(model))
+    assert "tied to another module's" in caplog.text and "lm_head" in caplog.text
+    assert type(svd.lm_head) is torch.nn.Linear and svd.lm_head.weight is svd.transformer.wte.weight
+    assert isinstance(svd.transformer.h[0].mlp.c_fc, svdtrain.SVDLayer)
+    assert torch.allclose(logits(svd, (ids,)), logits(model, (ids,)), atol=1e-4)
+    svd.tie_weights()
+    svd.resize_token_embeddings(120)
+    assert svd.lm_head.weight is svd.transformer.wte.weight and svd.lm_head.weight.shape[0] == 120

@@ -47,7 +47,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
           are unchanged and `s` ranks directions by output error. Attention projections are
           whitened by their own inputs.
     Grouped/depthwise convs, convs with string padding, Conv1d/3d, transposed convs, Linear
-    subclasses, attention with add_bias_kv or add_zero_attn, and RNNs stay dense: one log line says how many layers
+    subclasses, attention with add_bias_kv or add_zero_attn, RNNs, and layers whose weight
+    another module holds too (an output head tied to the input embedding) stay dense: one log line says how many layers
     were decomposed, holding what share of the model's MACs (with `input_shape` or
     `example_inputs`; else of the weights of those kinds), and (as a WARNING) which were left
     dense and why. Returns `model`.
@@ -66,6 +67,7 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
                if kind_of(m) is not None and not skipped(name, m)]
     if calibration is not None:
         check_calibration(init, mode, whiten, [kind_of(m) for _, m in targets if kind_of(m).why_dense(m) is None])
+    tied = _tied_weights(root)
     done: dict[int, nn.Module] = {}
     left: dict[str, str] = {}  # name -> why it stays dense
     for name, module in targets:
@@ -75,6 +77,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         if any(name.startswith(p + ".") for p in left):
             continue  # inside a layer that stays dense (an attention's out_proj)
         why = kind_of(module).why_dense(module)
+        if why is None and id(getattr(module, "weight", None)) in tied:
+            why = "its weight is tied to another module's (an output head tied to the embedding): factoring would untie it"
         if why is not None:
             left[name] = why
             continue
@@ -146,6 +150,16 @@ def eligible(module: nn.Module) -> bool:
     and the entry finds no reason to leave it dense."""
     kind = kind_of(module)
     return kind is not None and kind.why_dense(module) is None
+
+
+def _tied_weights(root: nn.Module) -> set[int]:
+    """ids of the parameters that two different modules hold (a tied output head and input
+    embedding); one module registered under two names does not count."""
+    owners: dict[int, set[int]] = {}
+    for _, m in root.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
+    return {p for p, mods in owners.items() if len(mods) > 1}
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
