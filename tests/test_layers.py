@@ -1,5 +1,6 @@
 """Decomposed layers: exact reconstruction, matrix views, forward paths."""
 import copy
+import math
 
 import pytest
 import torch
@@ -152,3 +153,14 @@ def test_random_scaled_init_matches_the_dense_weight_norm_not_its_values():
         assert not torch.allclose(w, ref.get_submodule(name).weight, atol=1e-3)  # random directions
     plain = svdtrain.decompose(copy.deepcopy(ref), init="random")  # the reference's spread: wider
     assert plain.stem.dense_weight().norm() > 1.5 * norms["stem"]
+
+
+def test_the_random_init_has_the_reference_codes_spread():
+    """The reference draws its r x cols factor Kaiming-normal (fan-in cols), the rows x r one
+    with fan-in r, and s ~ N(0, 1): Var(W) = r * (2 / r) * (2 / cols) * 1 = 4 / cols."""
+    torch.manual_seed(0)
+    layer = SVDConv2d(64, 64, 3, padding=1, init="random")
+    cols = 64 * 9
+    assert abs(float(layer.V.std()) / math.sqrt(2 / cols) - 1) < 0.05
+    assert abs(float(layer.U.std()) / math.sqrt(2 / layer.full_rank) - 1) < 0.05
+    assert abs(float(layer.weight.std()) / math.sqrt(4 / cols) - 1) < 0.1

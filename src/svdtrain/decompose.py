@@ -35,8 +35,9 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
 
     mode: "channel" or "spatial" (spatial applies to convs with a kernel larger than 1x1).
     init: "svd" keeps the model's function exactly (SVD of the current weights);
-          "random" starts the factors afresh, for training from scratch (the reference's init);
-          "random_scaled" the same with s scaled so that each W has the norm of the layer's
+          "random" starts the factors afresh, for training from scratch (the reference's init:
+          Kaiming-normal U and V^T, s ~ |N(0, 1)|, so Var(W) = 4 / cols);
+          "random_scaled" Kaiming-normal U and V (V at fan-in r) with s scaled so that each W has the norm of the layer's
           current (freshly initialised) weight.
     skip: None, qualified module names, or a predicate (name, module) -> bool.
     calibration: with init="svd" and mode="channel", input batches (tensors, (x, y) tuples, or

@@ -48,15 +48,20 @@ class SVDLayer(nn.Module):
             u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
             u, s, v = u.to(dtype), s.to(dtype), vh.mH.to(dtype)
         elif init in ("random", "random_scaled"):
-            # The reference code's scratch init: Kaiming-normal factors, normal s. s is
-            # drawn as |N(0,1)| so U diag(s) V^T equals U diag(|s|) V^T from the start.
-            u, v = torch.empty(rows, r), torch.empty(cols, r)
+            # Kaiming-normal factors, s drawn as |N(0,1)| (so U diag(s) V^T equals
+            # U diag(|s|) V^T from the start). "random" is the reference code's scratch init:
+            # its V^T (r x cols) drawn with fan-in cols, so Var(W) = 4/cols (sqrt(2) x a
+            # Kaiming dense init's std). "random_scaled" draws V (cols x r) with fan-in r
+            # (Var(W) = 4/r) and scales s so that ||U diag(s) V^T|| equals the norm of the
+            # layer's own fresh dense weight.
+            u = torch.empty(rows, r)
             nn.init.kaiming_normal_(u)
-            nn.init.kaiming_normal_(v)
+            if init == "random":
+                v = nn.init.kaiming_normal_(torch.empty(r, cols)).T
+            else:
+                v = nn.init.kaiming_normal_(torch.empty(cols, r))
             s = torch.randn(r).abs()
             if init == "random_scaled":
-                # Its W spreads about 2-9x wider than a dense init (Var(W) = 4/r): scale s so that
-                # ||U diag(s) V^T|| equals the norm of the layer's own fresh dense weight.
                 if matrix is None:
                     raise ValueError("init='random_scaled' needs the dense weight (its scale)")
                 s = s * (matrix.detach().float().norm() / ((u * s) @ v.T).norm())
