@@ -14,9 +14,9 @@ DEFAULTS: dict = {
     "decompose": {
         "enabled": True,          # false: plain dense training (a baseline)
         "mode": "channel",        # channel | spatial
-        "init": "random_scaled",  # from scratch: random_scaled (the reference's random factors, W scaled to the
-                                  # norm of the model's fresh dense init; chosen on CIFAR-10's validation split),
-                                  # random (the reference's: U, V Kaiming, s ~ |N(0,1)|) or dense_init (SVD of the
+        "init": "random_scaled",  # from scratch: random_scaled (Kaiming factors, W scaled to the norm of the
+                                  # model's fresh dense init; chosen on CIFAR-10's validation split), random
+                                  # (the reference's: U, V^T Kaiming, s ~ |N(0,1)|) or dense_init (SVD of the
                                   # model's own fresh dense init); svd: from dense_checkpoint
         "dense_checkpoint": "",   # state_dict file of the dense model (or a dense run's checkpoint.pt), for init: svd
         # init: svd, activation-aware (whiten.py): > 0 factors W·S, S from each layer's inputs on
