@@ -209,3 +209,21 @@ def test_a_tied_output_head_stays_dense_and_hugging_face_apis_work(caplog):
     svd.tie_weights()
     svd.resize_token_embeddings(120)
     assert svd.lm_head.weight is svd.transformer.wte.weight and svd.lm_head.weight.shape[0] == 120
+
+
+def test_the_trainer_keeps_s_undecayed_and_reads_gradients_for_loss_importance(tmp_path):
+    from svdtrain.hf_trainer import SVDTrainer
+    torch.manual_seed(0)
+    ids = torch.randint(2, 97, (8, 12))
+    model = svdtrain.decompose(gpt2().train())
+    args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4, weight_decay=0.1,
+                               learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = SVDTrainer(model=model, args=args, train_dataset=[{"input_ids": i, "labels": i} for i in ids],
+                         regularizer=svdtrain.Regularizer(strength=1e-3), example_inputs=(ids[:1],),
+                         budget={"target_macs": 0.8, "target_at": 1.0, "mask": True, "every": 2, "score": "loss"})
+    trainer.train()
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    for name, layer in svdtrain.svd_layers(model):
+        assert decay[id(layer.s)] == 0.0 and decay[id(layer.U)] == 0.1, name
+    importance = trainer.budget.importance  # step 5's gradients, read after the optimizer step, before zero_grad
+    assert importance.count > 0 and all(float(v.sum()) > 0 for v in importance.sums.values())

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .budget import BudgetController
-from .layers import unwrap
+from .layers import svd_layers, unwrap
 from .losses import Regularizer
 from .pretrained import load_into, save_pretrained
 
@@ -59,6 +59,11 @@ class SVDTrainer(Trainer):
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
         return getattr(self, "current_gradient_accumulation_steps", 1) if scaled and self.model.training else 1
 
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """transformers' choice, less the singular values: no weight decay on s (as the pipeline)."""
+        s = {f"{name}.s" if name else "s" for name, _ in svd_layers(unwrap(model))}
+        return [n for n in super().get_decay_parameter_names(model) if n not in s]
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
@@ -84,7 +89,8 @@ class SVDTrainer(Trainer):
 
 class _StepBudget(TrainerCallback):
     """Builds the trainer's BudgetController when training starts (it needs the optimizer and
-    the run's step count) and steps it after every optimizer step."""
+    the run's step count) and steps it after every optimizer step, before the gradients are
+    cleared (loss importance reads them)."""
 
     def __init__(self, trainer: SVDTrainer):
         self.trainer = trainer
@@ -100,6 +106,6 @@ class _StepBudget(TrainerCallback):
         if t._budget_state is not None:
             t.budget.load_state_dict(t._budget_state)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, **kwargs):
         if self.trainer.budget is not None:
             self.trainer.budget.step()

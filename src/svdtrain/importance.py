@@ -58,6 +58,9 @@ class SingularValueImportance:
     @torch.no_grad()
     def accumulate(self) -> None:
         """Add the current gradients' contribution; call after backward(), before zero_grad()."""
+        if all(layer.s.grad is None for layer in self.layers.values()):
+            raise RuntimeError("SingularValueImportance.accumulate: no singular value has a gradient "
+                               "(call it after backward() and before zero_grad())")
         for name, layer in self.layers.items():
             if layer.s.grad is not None:
                 self.sums[name] += (layer.s.detach() * layer.s.grad).double().pow(2)
