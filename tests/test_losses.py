@@ -119,3 +119,24 @@ def test_param_groups_exclude_s_from_weight_decay():
     assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
     assert {id(p) for p in groups[1]["params"]} == s_ids and not (decayed & s_ids)
     assert len(decayed) + len(s_ids) == len(list(model.parameters()))
+
+
+def test_edge_cases_stay_finite_and_partial_loads_keep_the_metric():
+    """A layer with no active value adds no orthogonality; Hoyer of all-zero values in float16
+    is 0, not 0/0; a partial load that names none of a whitened layer's keys keeps its metric."""
+    import torch
+    from torch import nn
+    import svdtrain
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
+                               calibration=[torch.randn(16, 8)])
+    model[2].set_active(torch.zeros(4, dtype=torch.bool))
+    total = svdtrain.Regularizer(orth=1.0, sparsity=None)(model)
+    assert torch.isfinite(total) and torch.allclose(total, svdtrain.losses.layer_orthogonality(model[0]))
+    half = svdtrain.decompose(nn.Sequential(nn.Linear(8, 8))).half()
+    with torch.no_grad():
+        half[0].s.zero_()
+    for kind in ("hoyer", "hoyer_square"):
+        assert float(svdtrain.losses.layer_sparsity(half[0], kind)) == 0.0
+    assert model[0].metric is not None
+    model.load_state_dict({"2.bias": torch.zeros(4)}, strict=False)
+    assert model[0].metric is not None

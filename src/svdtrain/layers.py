@@ -99,7 +99,7 @@ class SVDLayer(nn.Module):
         key = prefix + "metric"  # a whitened layer's metric: made here, filled by the load
         if key in state_dict and "metric" not in self._buffers:
             self.register_buffer("metric", torch.empty_like(state_dict[key], dtype=self.V.dtype, device=self.V.device))
-        elif key not in state_dict:
+        elif key not in state_dict and prefix + "U" in state_dict:  # a load of this layer without one
             self._buffers.pop("metric", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

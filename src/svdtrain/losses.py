@@ -35,12 +35,16 @@ def layer_orthogonality(layer: SVDLayer, probes: int = 0) -> torch.Tensor:
     if metric is not None:
         v = metric.T @ v if metric.dim() == 2 else metric[:, None] * v
     r = u.shape[1]
+    if r == 0:  # no active value: nothing to hold orthogonal
+        return u.sum() * 0.0
     return (_gram_deviation(u, probes) + _gram_deviation(v, probes)) / (r * r)
 
 
 def layer_sparsity(layer: SVDLayer, kind: str) -> torch.Tensor:
     """Sparsity of the active singular values: l1, hoyer or hoyer_square."""
     s = layer.factors()[1]
+    if s.dtype in (torch.float16, torch.bfloat16):  # _EPS underflows in half precision
+        s = s.float()
     l1 = s.abs().sum()
     if kind == "l1":
         return l1
