@@ -99,10 +99,12 @@ CHOICES = {
     "compile": ("", "inductor", "aot_eager", "cudagraphs"),
 }
 
-# Which stage first uses a key: a finished stage's keys may not change on resume.
-_KEY_STAGE = {"export.": "export", "prune.gradual": "train", "prune.unwhiten": "train", "prune.score": "train", "prune.": "prune", "epochs.finetune": "finetune",
-              "optim.finetune_lr": "finetune", "epochs.train": "train", "regularizer.sparsity": "train", "regularizer.strength": "train",
-              "regularizer.target": "train"}
+# Which stage first uses a key: a finished stage's keys may not change on resume. An entry
+# ending in "." covers every key under it; the others are single keys (checked in order).
+_KEY_STAGE = {"export.": "export", "prune.gradual": "train", "prune.unwhiten": "train", "prune.score": "train",
+              "prune.": "prune", "epochs.finetune": "finetune", "optim.finetune_lr": "finetune", "epochs.train": "train",
+              "regularizer.sparsity": "train", "regularizer.strength": "train", "regularizer.target_macs": "train",
+              "regularizer.target_at": "train", "regularizer.target_latency": "train"}
 _FREE = {"threads", "device", "amp", "channels_last", "eval_batch_size", "data_dir", "compile"}
 
 
@@ -230,6 +232,8 @@ def validate(cfg: dict) -> None:
                           "and decompose.mode=channel")
     if cfg["prune"]["unwhiten"] and not (d["enabled"] and d["calibration"]):
         raise ConfigError("prune.unwhiten re-factors whitened layers: set decompose.calibration too")
+    if cfg["prune"]["recalibrate"] < 0 or cfg["prune"]["score_batches"] < 1:
+        raise ConfigError("prune.recalibrate must be >= 0 (0 = off) and prune.score_batches >= 1")
     if d["calibration"] < 0:
         raise ConfigError(f"decompose.calibration must be >= 0 (0 = off), got {d['calibration']}")
     span = cfg["optim"]["schedule_span"]
@@ -242,12 +246,18 @@ def validate(cfg: dict) -> None:
         raise ConfigError("batch sizes must be >= 1")
 
 
-def key_stage(key: str) -> str | None:
-    """The first pipeline stage that reads `key` (None: free to change at any time)."""
+def key_stage(key: str, cfg: dict | None = None) -> str | None:
+    """The first pipeline stage that reads `key` (None: free to change at any time); with
+    `cfg`, also what its budget controller reads while training: prune.keep_energy (the
+    measure it steers) and, for a latency target, export.batch (the batch it times)."""
     if key in _FREE:
         return None
-    for prefix, stage in _KEY_STAGE.items():
-        if key.startswith(prefix):
+    if cfg is not None and (key == "prune.keep_energy" and (cfg["regularizer"]["target_macs"]
+                                                              or cfg["regularizer"]["target_latency"])
+                            or key == "export.batch" and cfg["regularizer"]["target_latency"]):
+        return "train"
+    for entry, stage in _KEY_STAGE.items():
+        if key == entry or (entry.endswith(".") and key.startswith(entry)):
             return stage
     return "orth"
 

@@ -2,6 +2,7 @@
 the data loaders and the process group, built from a run config by `setup`."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 from dataclasses import dataclass, field
@@ -33,6 +34,16 @@ def run_dataset(cfg: dict):
         raise RunError(str(err).splitlines()[0]) from None
 
 
+def data_fingerprint(data) -> dict:
+    """What identifies a run's data across resumes (data_dir may move): the split sizes and a
+    digest of the first and last 16 images of each split."""
+    digest = hashlib.sha256()
+    for x in (data.x_train, data.x_test):
+        for part in (x[:16], x[-16:]):
+            digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+    return {"train": len(data.x_train), "test": len(data.x_test), "sha256": digest.hexdigest()}
+
+
 def input_shape(data) -> tuple[int, int, int, int]:
     return (1, data.in_channels, data.image_size, data.image_size)
 
@@ -49,6 +60,9 @@ def build_run_model(cfg: dict, data, fresh: bool = True) -> nn.Module:
             if not path.is_file():
                 raise RunError(f"decompose.dense_checkpoint not found: {path}")
             state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise RunError(f"decompose.dense_checkpoint {path} holds a {type(state).__name__}, "
+                               "not a state_dict (or a dense run's checkpoint.pt)")
             if isinstance(state.get("model"), dict) and "config" in state:  # a dense run's checkpoint.pt
                 state = state["model"]
             try:
@@ -138,9 +152,15 @@ def setup(cfg: dict, state: dict, out: Path, save: Callable[[], None], quiet: bo
         info["dense_macs"] = count_macs(model, shape, cost="dense")
         info["dense_params"] = count_params(model, cost="dense")
         info["layer_shapes"] = {n: [l.rows, l.cols] for n, l in svd_layers(model)}
+        info["data_fingerprint"] = data_fingerprint(data)
         if svd_init:
             info["dense_checkpoint_sha256"] = file_digest(cfg["decompose"]["dense_checkpoint"])
     else:
+        was, now = state["info"].get("data_fingerprint"), data_fingerprint(data)
+        if was is not None and was != now:  # runs from before the fingerprint: not checked
+            raise RunError(f"data_dir {cfg['data_dir']} holds other data than the run started with "
+                           f"({now['train']} training / {now['test']} test images, was {was['train']} / {was['test']}, "
+                           "or other images); use the same data or a new --out")
         model.load_state_dict(state["model"])
     model = model.to(device)
     channels_last = cuda and cfg["channels_last"]

@@ -60,6 +60,10 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         raise ValueError(f"init must be 'svd', 'random' or 'random_scaled', got {init!r}")
     skipped = _skip_predicate(skip)
     root = unwrap(model)
+    if skip is not None and not callable(skip):  # a misspelt name would silently skip nothing
+        unknown = sorted(({skip} if isinstance(skip, str) else set(skip)) - {n for n, _ in root.named_modules()})
+        if unknown:
+            raise ValueError(f"skip names no module of the model: {', '.join(unknown[:5])}")
     records = (profile(root, input_shape, example_inputs)
                if input_shape is not None or example_inputs is not None else None)
     # Collect first: replacing while iterating named_modules() would visit the new layers.

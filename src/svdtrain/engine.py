@@ -20,6 +20,12 @@ from .losses import param_groups
 STAGES = ("orth", "train", "prune", "finetune", "export", "report")
 
 
+def stage_epoch(stage: str, epoch: int = 0) -> int:
+    """The data loader's epoch number for `epoch` of `stage`: each stage its own data order,
+    the same on resume and in a new process."""
+    return STAGES.index(stage) * 10_000 + epoch
+
+
 class RunError(RuntimeError):
     """A run cannot go on; the message is one line meant for the user."""
 
@@ -148,10 +154,9 @@ def train_phase(model, loader, opt, sched, reg, cfg: dict, device, *, stage: str
     if state["optimizer"] is not None:
         load_training_state(state, model, **parts)
     forward = model if forward is None else forward
-    stage_seed = STAGES.index(stage) * 10_000  # each stage its own data order, the same on resume
     for epoch in range(state["epoch"], epochs):
         t0 = time.perf_counter()
-        loader.set_epoch(stage_seed + epoch)
+        loader.set_epoch(stage_epoch(stage, epoch))
         stats = train_epoch(forward, loader, opt, sched, reg, cfg, device, desc=f"{stage} {epoch + 1}/{epochs}",
                             quiet=quiet, world=world, where=f"stage '{stage}', epoch {epoch + 1}",
                             on_backward=on_backward, on_step=on_step)

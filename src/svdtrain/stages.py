@@ -18,7 +18,7 @@ from .calibrate import recalibrate_batchnorm
 from .checkpoint import atomic_save, atomic_write_text, model_state
 from .context import RunContext
 from .distributed import replica_spread, spread
-from .engine import evaluate, make_optimizer, task_loss, train_phase
+from .engine import evaluate, make_optimizer, stage_epoch, task_loss, train_phase
 from .export import export, export_onnx, export_program
 from .importance import loss_importance
 from .latency import measured_latency_ratio
@@ -193,6 +193,9 @@ def prune_stage(ctx: RunContext) -> None:
         return
     p, latency = ctx.cfg["prune"], ctx.cfg["regularizer"]["target_latency"]
     budget = p["macs_budget"] or ctx.cfg["regularizer"]["target_macs"]
+    # The batches scored and recalibrated on: the prune stage's own epoch of the stream, not
+    # whichever epoch this process last trained (the same in one `run` and in `train` + `prune`).
+    ctx.train_loader.set_epoch(stage_epoch("prune"))
     scores = _loss_scores(ctx, p["score_batches"]) if p["score"] == "loss" and (budget or latency) else None
     if latency:
         for _, layer in svd_layers(ctx.model):

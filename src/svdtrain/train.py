@@ -66,6 +66,9 @@ class Run:
             if not isinstance(state, dict) or state.get("format") != FORMAT:
                 raise RunError(f"{path} is not an svdtrain run checkpoint; it was left untouched")
             state["config"] = config_mod.with_defaults(state["config"])  # keys added since it was written
+            if cfg is not None and self._untouched(state):
+                # nothing trained or cut yet (a run that failed at its start): begin with the new config
+                return new_training_state(FORMAT, 1, config=cfg, stage=STAGES[0], step=0, done=[], info={})
             if cfg is not None:
                 self._merge_config(state, cfg)
             return state
@@ -79,6 +82,12 @@ class Run:
         return new_training_state(FORMAT, 1, config=cfg, stage=STAGES[0], step=0, done=[], info={})
 
     @staticmethod
+    def _untouched(state) -> bool:
+        """No optimizer step taken and no stage that changes the model done (only stages of
+        zero epochs, e.g. orth with epochs.orth=0)."""
+        return state["step"] == 0 and state["epoch"] == 0 and not set(state["done"]) - {"orth", "train"}
+
+    @staticmethod
     def _merge_config(state, cfg):
         changed = config_mod.diff(state["config"], cfg)
         # The dense checkpoint is named by path; the run is tied to its content, so the same
@@ -90,7 +99,10 @@ class Run:
             if was is not None and file_digest(cfg["decompose"]["dense_checkpoint"]) == was:
                 changed.remove(key)
         done = set(state["done"]) | ({state["stage"]} if state["epoch"] else set())
-        locked = [k for k in changed if config_mod.key_stage(k) in done
+        def first(k):  # what either config reads it in: the earlier stage
+            stages = [s for s in (config_mod.key_stage(k, state["config"]), config_mod.key_stage(k, cfg)) if s]
+            return min(stages, key=STAGES.index) if stages else None
+        locked = [k for k in changed if first(k) in done
                   and (config_mod.read_by(k, state["config"]) or config_mod.read_by(k, cfg))]
         if locked:
             raise RunError(f"the run already passed the stage that uses {', '.join(locked)}; "
