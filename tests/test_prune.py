@@ -264,3 +264,10 @@ def test_floors_and_bad_inputs_are_one_line_errors():
     with pytest.raises(ValueError, match="latency_budget 0.01 is below what rank 1 everywhere reaches"):
         svdtrain.prune(_model_with_s([2.0, 1.0], [2.0, 1.0]), latency_budget=0.01, input_shape=(1, 2),
                        timer=lambda module, inputs: 1e-6 * sum(p.numel() for p in module.parameters()))
+
+
+def test_energy_rank_at_exact_ties_of_equal_values():
+    """n equal values and keep_energy j / n: exactly j values hold it (float rounding of the
+    cumulative sum must not add one)."""
+    from svdtrain.prune import energy_rank
+    assert all(energy_rank(torch.ones(n), j / n) == j for n in range(2, 60) for j in range(1, n))

@@ -23,7 +23,9 @@ def energy_rank(s: torch.Tensor, keep_energy: float) -> int:
     total = cum[-1]
     if total <= 0:
         return 1  # all zero: one (zero) value keeps the layer exportable; it adds nothing
-    k = int((cum < keep_energy * total).sum()) + 1
+    # A relative 1e-12 below the threshold: a cumulative sum that reaches it exactly in exact
+    # arithmetic (equal values, keep_energy j/n) is not pushed one value further by rounding.
+    k = int((cum < keep_energy * total * (1 - 1e-12)).sum()) + 1
     return min(k, e.numel())
 
 
