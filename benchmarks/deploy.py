@@ -261,8 +261,9 @@ def compact_model(method: str, name: str, dense, small, frac: float):
 def best_of_each_side(points: list[dict]) -> list[dict]:
     """Per (model, phase, batch, level, method): the dense model on its fastest backend against
     the compact model on its fastest, as the deployment targets are stated; the dense times are
-    those of the method's own runs (timed interleaved with its compact models), so every ratio
-    is taken within one run."""
+    those of the method's own runs (each timed interleaved with its compact models). Where the
+    two sides' fastest backends differ, the ratio combines the timings of two runs (rows with
+    dense_backend != compact_backend), not one interleaved pair."""
     dense = {}
     for q in points:
         key = (q["model"], q["phase"], q["batch"], q["method"])
