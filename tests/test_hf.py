@@ -227,3 +227,16 @@ def test_the_trainer_keeps_s_undecayed_and_reads_gradients_for_loss_importance(t
         assert decay[id(layer.s)] == 0.0 and decay[id(layer.U)] == 0.1, name
     importance = trainer.budget.importance  # step 5's gradients, read after the optimizer step, before zero_grad
     assert importance.count > 0 and all(float(v.sum()) > 0 for v in importance.sums.values())
+
+
+def test_the_coverage_line_counts_gpt2_conv1d_macs(caplog):
+    """GPT-2's Conv1D layers are counted at the op level: the coverage line still gives their
+    share of the model's MACs, against PyTorch's own counter and a hand count of the layers
+    (per token per block: 64 x 192 + 64 x 64 + 64 x 256 + 256 x 64)."""
+    import re
+    model, (ids,) = small("gpt2")
+    total = torch_macs(model, ids)
+    with caplog.at_level("INFO", logger="svdtrain"):
+        svdtrain.decompose(copy.deepcopy(model), example_inputs=(ids,))
+    share = float(re.search(r"holding ([\d.]+)% of the model's MACs", caplog.text).group(1))
+    assert share == pytest.approx(100 * 2 * 49152 * ids.numel() / total, abs=0.05)

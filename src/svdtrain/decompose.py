@@ -64,8 +64,7 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         unknown = sorted(({skip} if isinstance(skip, str) else set(skip)) - {n for n, _ in root.named_modules()})
         if unknown:
             raise ValueError(f"skip names no module of the model: {', '.join(unknown[:5])}")
-    records = (profile(root, input_shape, example_inputs)
-               if input_shape is not None or example_inputs is not None else None)
+    sized = input_shape is not None or example_inputs is not None
     # Collect first: replacing while iterating named_modules() would visit the new layers.
     # Duplicates are kept so a layer shared under two names becomes one SVD layer in both.
     targets = [(name, m) for name, m in root.named_modules(remove_duplicate=False)
@@ -110,15 +109,15 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
                 if id(module) in done:
                     _set_submodule(root, name, module)
             raise
+    # the new layers' plans record their calls; the profile also gives the coverage's MACs
+    records = profile(root, input_shape, example_inputs) if sized else None
     _log_coverage(root, done, left, skipped, records)
-    if records is not None:
-        profile(root, input_shape, example_inputs)  # the new layers' plans record their calls
     return model
 
 
 def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None) -> None:
-    """One line: layers decomposed and the share of MACs (from `records`, a profile taken
-    before the change) or else of weights they hold; at WARNING level, with
+    """One line: layers decomposed and the share of MACs (dense cost, from `records`, a profile
+    taken after the change) or else of weights they hold; at WARNING level, with
     each kind and reason, when weight-bearing layers were left dense (they still count in
     count_macs, but gain nothing from SVD training)."""
     svd_forms = tuple(k.svd_type for k in KINDS.values() if k.svd_type is not None)
@@ -132,7 +131,7 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None
             left[name] = f"{type(m).__name__} is not decomposed"
     if records is not None:
         total = sum(r.dense for r in records)
-        share = sum(r.dense for r in records if id(r.module) in done) / max(1, total)
+        share = sum(r.dense for r in records if isinstance(r.module, SVDLayer)) / max(1, total)
         what = "of the model's MACs"
     else:
         kept = sum(layer.rows * layer.cols for new in done.values() for layer in new.modules()

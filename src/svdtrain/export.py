@@ -193,7 +193,8 @@ def export_onnx(compact: nn.Module, example_inputs, path, dynamic_batch: bool = 
     """Write the compact model (eval mode) as an ONNX file through torch's exporter (it traces
     with torch.export), batch size dynamic unless told otherwise; runs in ONNX Runtime with
     PyTorch's outputs. `example_inputs`: a tensor or a tuple of the model's positional inputs.
-    Needs onnx and onnxscript (`pip install svdtrain[onnx]`; onnxruntime to run it)."""
+    The weights are stored in the file itself, except for models over ONNX's 2 GB limit: those
+    get a `<name>.data` file beside it, which must travel with it. Needs onnx and onnxscript (`pip install svdtrain[onnx]`; onnxruntime to run it)."""
     try:
         import onnxscript  # noqa: F401  torch's exporter needs it
     except ImportError:
@@ -202,5 +203,7 @@ def export_onnx(compact: nn.Module, example_inputs, path, dynamic_batch: bool = 
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     inputs, dynamic = _dynamic_batch(inputs) if dynamic_batch else (inputs, None)
     with torch.no_grad():
-        torch.onnx.export(compact, inputs, str(path), dynamo=True, dynamic_shapes=dynamic, verbose=False)
+        big = sum(p.numel() * p.element_size() for p in compact.parameters()) > 1.5e9
+        torch.onnx.export(compact, inputs, str(path), dynamo=True, dynamic_shapes=dynamic, verbose=False,
+                          external_data=big)
     return path

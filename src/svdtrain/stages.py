@@ -8,6 +8,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -261,9 +262,14 @@ def export_stage(ctx: RunContext) -> None:
     tmp = ctx.out / "compact.tmp.pt2"
     export_program(compact, example, tmp, dynamic_batch=True)
     os.replace(tmp, ctx.out / "compact.pt2")
-    if ex["onnx"]:
-        export_onnx(compact, example, ctx.out / "compact.tmp.onnx")
-        os.replace(ctx.out / "compact.tmp.onnx", ctx.out / "compact.onnx")
+    if ex["onnx"]:  # written under its final name in a temporary folder: an external data file keeps its name
+        tmp = ctx.out / "onnx.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        export_onnx(compact, example, tmp / "compact.onnx")
+        for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # the .onnx last
+            os.replace(f, ctx.out / f.name)
+        tmp.rmdir()
 
 
 def report_stage(ctx: RunContext) -> None:

@@ -105,7 +105,8 @@ class Run:
         locked = [k for k in changed if first(k) in done
                   and (config_mod.read_by(k, state["config"]) or config_mod.read_by(k, cfg))]
         if locked:
-            raise RunError(f"the run already passed the stage that uses {', '.join(locked)}; "
+            read = ", ".join(f"{k} ({first(k)})" for k in locked)
+            raise RunError(f"the run already passed the stage that uses {read}; "
                            "these cannot change on resume (use a new --out)")
         state["config"] = cfg
 
