@@ -170,3 +170,28 @@ def test_a_tied_weight_read_is_not_counted_as_the_models_work(caplog):
     with caplog.at_level("WARNING", logger="svdtrain"):
         svdtrain.export(svdtrain.decompose(_TiedHead()))
     assert "no forward pass was profiled" in caplog.text
+
+
+class _DtypeCheck(nn.Module):
+    """Reads its layer's .weight for its dtype (as T5's feed-forward blocks do): the exported
+    layer must keep a .weight, so it ships dense; decompose says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.b(self.a(x.to(self.a.weight.dtype)))
+
+
+def test_a_layer_whose_weight_is_read_ships_dense_and_is_named(caplog):
+    import torch
+    x = torch.randn(4, 32)
+    with caplog.at_level("WARNING", logger="svdtrain"):
+        svd = svdtrain.decompose(_DtypeCheck(), example_inputs=x)
+    assert "1 SVD layers ship dense at any rank" in caplog.text and ": a" in caplog.text
+    with pytest.raises(ValueError, match="1 SVD layers ship dense since other code reads their .weight"):
+        svdtrain.prune(svd, macs_budget=0.2, example_inputs=x)
+    svdtrain.prune(svd, macs_budget=0.6, example_inputs=x)
+    compact = svdtrain.export(svd, example_inputs=x)
+    assert type(compact.a) is nn.Linear and svdtrain.count_macs(compact, example_inputs=x) <= 0.6 * 2 * 4 * 1024

@@ -141,6 +141,10 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None
         share = kept / max(1, kept + dense_left)
         what = "of the weights of decomposable kinds"
     line = f"svdtrain: decomposed {len(done)} layers holding {share:.1%} {what}"
+    reads = [n for n, m in root.named_modules() if isinstance(m, SVDLayer) and m.plan.reads_weight]
+    if reads:  # the profile saw other code read their .weight: they keep a dense form to ship
+        log.warning("svdtrain: %d SVD layers ship dense at any rank: code outside them reads their .weight "
+                    "(a tied head, or a dtype check such as T5's wo): %s", len(reads), ", ".join(reads[:8]))
     if left:
         reasons = "; ".join(f"{n}: {why}" for n, why in list(left.items())[:8])
         more = f" (+{len(left) - 8} more)" if len(left) > 8 else ""

@@ -163,8 +163,10 @@ def _prune_to_budget(model: nn.Module, budget: float, input_shape, example_input
     floor, dense_total = rank_floor(records, round_to)
     target = budget * dense_total
     if floor > target:
+        reads = sum(1 for _, m in svd_layers(model) if m.plan.reads_weight)
+        why = f"; {reads} SVD layers ship dense since other code reads their .weight" if reads else ""
         raise ValueError(f"macs_budget {budget:g} is below what rank {round_to} everywhere reaches "
-                         f"({floor / dense_total:.3f} of dense MACs)")
+                         f"({floor / dense_total:.3f} of dense MACs{why})")
     names = {id(m): n for n, m in svd_layers(model)}
     svd: dict[int, SVDLayer] = {}  # the layers whose rank is free, in call order
     for r in records:
