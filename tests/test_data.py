@@ -202,3 +202,15 @@ def test_dataset_repr_is_short():
     ds = Dataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64),
                  torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64), 3, "t")
     assert "\n" not in repr(ds) and "num_classes=3" in repr(ds)
+
+
+def test_image_folder_scales_16_bit_grey_to_8_bits(tmp_path):
+    """A 16-bit PNG holding 0, 32896 and 65535 loads as 0, 128 and 255 in each channel (by hand:
+    65535 / 257 = 255, 32896 / 257 = 128), not clamped to 255."""
+    from PIL import Image
+    values = np.array([[0, 32896, 65535, 65535]] * 4, dtype=np.uint16)
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(values).save(tmp_path / split / "a" / "x.png")
+    ds = load_image_folder(tmp_path, image_size=4)
+    assert ds.x_train[0, :, 0, :3].tolist() == [[0, 128, 255]] * 3

@@ -274,13 +274,24 @@ def _list_split(split_dir, classes=None):
     return classes, files, labels
 
 
+def _to_rgb(im):
+    """8-bit RGB; 16-bit and 32-bit grey (Pillow modes I;16*, I, F) scaled down to 8 bits first:
+    Pillow's own convert clamps them at 255 (a 16-bit image would load almost white)."""
+    from PIL import Image
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" and a.max() <= 1.0 else (255.0 if a.max() <= 255 else 65535.0)
+        im = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8))
+    return im.convert("RGB")
+
+
 def _load_images(files, image_size):
     from PIL import Image
 
     out = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
     for i, f in enumerate(files):
         with Image.open(f) as im:
-            im = im.convert("RGB")
+            im = _to_rgb(im)
             w, h = im.size
             s = image_size / min(w, h)  # shorter side -> image_size, then center crop
             nw, nh = max(image_size, round(w * s)), max(image_size, round(h * s))
