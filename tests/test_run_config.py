@@ -85,3 +85,14 @@ def test_bad_run_inputs_are_one_line_errors(data, tmp_path, over, message):
     over = [o.replace("TENSOR", str(tmp_path / "tensor.pt")) for o in over]
     res = cli("run", data / "tiny.yaml", "--out", tmp_path / "x", "--quiet", *over)
     assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_later_stage_command_joins_with_the_saved_runs_device(data, tmp_path, monkeypatch):
+    import svdtrain.train
+    out = tmp_path / "run"
+    Run(out, config(data, "device=cpu"), quiet=True).execute(until="train")
+    asked = []
+    real = svdtrain.train.setup_distributed
+    monkeypatch.setattr(svdtrain.train, "setup_distributed", lambda device: asked.append(device) or real(device))
+    Run(out, quiet=True)  # as `svdtrain prune --out DIR` builds it
+    assert asked == ["cpu"]

@@ -45,10 +45,12 @@ class Run:
         self.out = Path(out_dir)
         self.quiet, self.log = quiet, log
         self.rank, self.world, self.device = 0, 1, torch.device("cpu")
-        if cfg is not None or (self.out / CHECKPOINT).exists():
-            device = cfg["device"] if cfg is not None else "auto"
-            self.rank, self.world, self.device = setup_distributed(device)
-        self.state = self._load_or_create(cfg)
+        if cfg is not None:
+            self.rank, self.world, self.device = setup_distributed(cfg["device"])
+            self.state = self._load_or_create(cfg)
+        else:  # a later stage's command: the saved run's device (a cpu run under torchrun stays on gloo)
+            self.state = self._load_or_create(None)
+            self.rank, self.world, self.device = setup_distributed(self.state["config"]["device"])
         if self.world > 1:
             dist.barrier()  # every rank has read the run dir before rank 0 writes to it
         self.cfg = self.state["config"]
