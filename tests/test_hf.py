@@ -240,3 +240,20 @@ def test_the_coverage_line_counts_gpt2_conv1d_macs(caplog):
         svdtrain.decompose(copy.deepcopy(model), example_inputs=(ids,))
     share = float(re.search(r"holding ([\d.]+)% of the model's MACs", caplog.text).group(1))
     assert share == pytest.approx(100 * 2 * 49152 * ids.numel() / total, abs=0.05)
+
+
+def test_mixture_of_experts_matmuls_are_counted_and_the_experts_named(caplog):
+    """Mixtral's experts run as one grouped matmul over stacked weights: PyTorch's counter skips
+    it; count_macs adds it (by hand: 2 layers x 16 tokens x top-2 x (32 x 256 + 128 x 32)), and
+    decompose names the experts it leaves dense."""
+    if not hasattr(T, "MixtralConfig"):
+        pytest.skip("no Mixtral in this transformers")
+    torch.manual_seed(0)
+    cfg = T.MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model, ids = T.MixtralForCausalLM(cfg).eval(), torch.randint(0, 100, (2, 8))
+    experts = 2 * 16 * 2 * (32 * 256 + 128 * 32)
+    assert svdtrain.count_macs(model, example_inputs=(ids,)) == torch_macs(model, ids) + experts
+    with caplog.at_level("WARNING", logger="svdtrain"):
+        svdtrain.decompose(model, example_inputs=(ids,))
+    assert "model.layers.0.mlp.experts: MixtralExperts holds stacked weights" in caplog.text

@@ -129,6 +129,10 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention, nn.RNNBase)) \
                 and kind_of(m) is None:
             left[name] = f"{type(m).__name__} is not decomposed"
+            continue
+        stacked = [tuple(p.shape) for p in m.parameters(recurse=False) if p.dim() == 3 and p.shape[0] > 1]
+        if stacked and not isinstance(m, (nn.modules.conv._ConvNd, nn.Embedding)):  # e.g. one weight per expert
+            left[name] = f"{type(m).__name__} holds stacked weights {stacked[0]} (experts?), not decomposed"
     if records is not None:
         total = sum(r.dense for r in records)
         share = sum(r.dense for r in records if isinstance(r.module, SVDLayer)) / max(1, total)

@@ -104,8 +104,19 @@ def _cpu_sdpa(query, key, value, *args, out_val=None, **kwargs) -> int:
     return sdpa_flop_count(query.shape, key.shape, value.shape)
 
 
-# PyTorch's FLOP formulas, plus the CPU kernel of scaled_dot_product_attention.
-_FORMULAS = {**flop_registry, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa}
+def _grouped_mm(a, b, *args, out_val=None, **kwargs) -> int:
+    """FLOPs of a grouped matmul (mixture-of-experts layers): each output element sums over
+    its group's share of the inner dimension; with a 2-D x 2-D call (groups split the inner
+    dimension) every output row sums over all of it once."""
+    if a.dim() == 2 and b.dim() == 2:
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    return 2 * out_val.numel() * a.shape[-1]
+
+
+# PyTorch's FLOP formulas, plus the CPU kernel of scaled_dot_product_attention and grouped
+# matmuls, which torch.utils.flop_counter does not count.
+_FORMULAS = {**flop_registry, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+             torch.ops.aten._grouped_mm: _grouped_mm}
 
 
 class _Products(TorchDispatchMode):
