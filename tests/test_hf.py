@@ -252,6 +252,8 @@ def test_mixture_of_experts_matmuls_are_counted_and_the_experts_named(caplog):
     cfg = T.MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
     model, ids = T.MixtralForCausalLM(cfg).eval(), torch.randint(0, 100, (2, 8))
+    if not any(p.dim() == 3 for p in model.model.layers[0].mlp.parameters()):
+        pytest.skip("this transformers runs Mixtral's experts as separate Linear layers")
     experts = 2 * 16 * 2 * (32 * 256 + 128 * 32)
     assert svdtrain.count_macs(model, example_inputs=(ids,)) == torch_macs(model, ids) + experts
     with caplog.at_level("WARNING", logger="svdtrain"):

@@ -96,3 +96,22 @@ def test_a_later_stage_command_joins_with_the_saved_runs_device(data, tmp_path, 
     monkeypatch.setattr(svdtrain.train, "setup_distributed", lambda device: asked.append(device) or real(device))
     Run(out, quiet=True)  # as `svdtrain prune --out DIR` builds it
     assert asked == ["cpu"]
+
+
+def test_a_later_stage_with_overrides_goes_on_after_stages_of_zero_epochs(data, tmp_path):
+    """Post-hoc style: train with no epochs, then prune with an override: not a restart."""
+    out = tmp_path / "run"
+    first = cli("train", data / "tiny.yaml", "--out", out, "--quiet", "epochs.orth=0", "epochs.train=0")
+    assert first.returncode == 0, first.stderr[-1000:]
+    res = cli("prune", "--out", out, "--quiet", "prune.keep_energy=0.9")
+    assert res.returncode == 0, res.stderr[-1000:]
+
+
+def test_a_run_saved_for_cuda_opens_on_a_machine_without_one(data, tmp_path):
+    out = tmp_path / "run"
+    Run(out, config(data), quiet=True).execute(until="train")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["config"]["device"] = "cuda"
+    torch.save(state, out / "checkpoint.pt")
+    if not torch.cuda.is_available():
+        assert Run(out, quiet=True).device.type == "cpu"  # as `svdtrain evaluate` / a later stage opens it

@@ -301,8 +301,27 @@ def test_float16_factors_that_overflow_keep_the_plain_svd(caplog):
     x[:, :8] = 0
     with caplog.at_level("WARNING", logger="svdtrain"):
         svd = svdtrain.decompose(copy.deepcopy(model), calibration=[x.half()])
-    assert "overflow" in caplog.text and "0" in caplog.text.split("overflow")[1]
+    assert "whitened factors overflow the dtype of 0: plain SVD kept" in caplog.text
     assert getattr(svd[0], "metric", None) is None  # plain SVD kept
     assert all(bool(torch.isfinite(p).all()) for p in svd.parameters())
     with torch.no_grad():
         assert torch.allclose(svd(x.half()).float(), model(x.half()).float(), atol=1e-2)
+
+
+def test_a_failing_profile_or_a_shared_name_in_skip_leaves_decompose_consistent():
+    """Inputs of the wrong shape fail the profile after the layers were built: the model keeps
+    its own layers. A layer's second name (one module under two names) is a valid skip name."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(RuntimeError):
+        svdtrain.decompose(model, input_shape=(1, 5))
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.left = nn.Linear(4, 4)
+            self.right = self.left
+
+        def forward(self, x):
+            return self.right(self.left(x))
+    assert type(svdtrain.decompose(Two(), skip=["right"]).right) is nn.Linear  # no "names no module" error

@@ -108,7 +108,7 @@ def _dispatch(args) -> int:
         if not (out / CHECKPOINT).exists():
             raise RunError(f"no run in {out}; start one with `svdtrain train CONFIG --out {out}`")
         cfg = load_config(None, args.overrides, base=Run(out).cfg) if args.overrides else None
-    run = Run(out, cfg, quiet=args.quiet)
+    run = Run(out, cfg, quiet=args.quiet, restart=args.command in ("run", "train", "demo"))
     if args.command == "report" and "report" in run.state["done"]:
         run.state["done"].remove("report")  # a finished run's report is rebuilt on request
     if args.command in STAGE_COMMANDS[1:]:

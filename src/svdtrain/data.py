@@ -280,7 +280,10 @@ def _to_rgb(im):
     from PIL import Image
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
-        top = 1.0 if im.mode == "F" and a.max() <= 1.0 else (255.0 if a.max() <= 255 else 65535.0)
+        if im.mode.startswith("I;16"):
+            top = 65535.0
+        else:  # "I" (how 16-bit PNGs may open) and "F": the range their values show
+            top = 1.0 if im.mode == "F" and a.max() <= 1.0 else (255.0 if a.max() <= 255 else 65535.0)
         im = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8))
     return im.convert("RGB")
 

@@ -61,7 +61,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     skipped = _skip_predicate(skip)
     root = unwrap(model)
     if skip is not None and not callable(skip):  # a misspelt name would silently skip nothing
-        unknown = sorted(({skip} if isinstance(skip, str) else set(skip)) - {n for n, _ in root.named_modules()})
+        unknown = sorted(({skip} if isinstance(skip, str) else set(skip))
+                         - {n for n, _ in root.named_modules(remove_duplicate=False)})
         if unknown:
             raise ValueError(f"skip names no module of the model: {', '.join(unknown[:5])}")
     sized = input_shape is not None or example_inputs is not None
@@ -100,17 +101,17 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
             # Its fused inference path reads linear1/linear2/attention weights directly and
             # bypasses their SVD forward; this flag is read only by that path's check.
             m.activation_relu_or_gelu = 0
-    if calibration is not None:
-        try:
+    try:
+        if calibration is not None:
             whiten_model(root, [m for new in done.values() for m in new.modules() if isinstance(m, SVDLayer)],
                          calibration, whiten)
-        except BaseException:  # the model as it was: its own layers back in place
-            for name, module in targets:
-                if id(module) in done:
-                    _set_submodule(root, name, module)
-            raise
-    # the new layers' plans record their calls; the profile also gives the coverage's MACs
-    records = profile(root, input_shape, example_inputs) if sized else None
+        # the new layers' plans record their calls; the profile also gives the coverage's MACs
+        records = profile(root, input_shape, example_inputs) if sized else None
+    except BaseException:  # the model as it was: its own layers back in place
+        for name, module in targets:
+            if id(module) in done:
+                _set_submodule(root, name, module)
+        raise
     _log_coverage(root, done, left, skipped, records)
     return model
 

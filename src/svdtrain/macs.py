@@ -115,8 +115,9 @@ def _grouped_mm(a, b, *args, out_val=None, **kwargs) -> int:
 
 # PyTorch's FLOP formulas, plus the CPU kernel of scaled_dot_product_attention and grouped
 # matmuls, which torch.utils.flop_counter does not count.
-_FORMULAS = {**flop_registry, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
-             torch.ops.aten._grouped_mm: _grouped_mm}
+_FORMULAS = {**flop_registry, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa}
+if hasattr(torch.ops.aten, "_grouped_mm"):  # torch >= 2.8
+    _FORMULAS[torch.ops.aten._grouped_mm] = _grouped_mm
 
 
 class _Products(TorchDispatchMode):

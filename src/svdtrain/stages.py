@@ -266,10 +266,12 @@ def export_stage(ctx: RunContext) -> None:
         tmp = ctx.out / "onnx.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        export_onnx(compact, example, tmp / "compact.onnx")
-        for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # the .onnx last
-            os.replace(f, ctx.out / f.name)
-        tmp.rmdir()
+        try:
+            export_onnx(compact, example, tmp / "compact.onnx")
+            for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # the .onnx last
+                os.replace(f, ctx.out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def report_stage(ctx: RunContext) -> None:

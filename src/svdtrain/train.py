@@ -41,16 +41,19 @@ class Run:
     one in progress), done (stages finished), step (optimizer steps so far) and info (what
     the stages measured)."""
 
-    def __init__(self, out_dir, cfg: dict | None = None, quiet: bool = False, log=print):
+    def __init__(self, out_dir, cfg: dict | None = None, quiet: bool = False, log=print, restart: bool = False):
+        """restart: a run that has neither trained a step nor cut (it failed at its start)
+        begins again with `cfg` (the `run` / `train` commands), instead of merging it."""
         self.out = Path(out_dir)
-        self.quiet, self.log = quiet, log
+        self.quiet, self.log, self.restart = quiet, log, restart
         self.rank, self.world, self.device = 0, 1, torch.device("cpu")
         if cfg is not None:
             self.rank, self.world, self.device = setup_distributed(cfg["device"])
             self.state = self._load_or_create(cfg)
-        else:  # a later stage's command: the saved run's device (a cpu run under torchrun stays on gloo)
+        else:  # a later stage's command: a cpu run stays on cpu (under torchrun: gloo), else auto
             self.state = self._load_or_create(None)
-            self.rank, self.world, self.device = setup_distributed(self.state["config"]["device"])
+            saved = self.state["config"]["device"]
+            self.rank, self.world, self.device = setup_distributed("cpu" if saved == "cpu" else "auto")
         if self.world > 1:
             dist.barrier()  # every rank has read the run dir before rank 0 writes to it
         self.cfg = self.state["config"]
@@ -68,7 +71,7 @@ class Run:
             if not isinstance(state, dict) or state.get("format") != FORMAT:
                 raise RunError(f"{path} is not an svdtrain run checkpoint; it was left untouched")
             state["config"] = config_mod.with_defaults(state["config"])  # keys added since it was written
-            if cfg is not None and self._untouched(state):
+            if cfg is not None and self.restart and self._untouched(state):
                 # nothing trained or cut yet (a run that failed at its start): begin with the new config
                 return new_training_state(FORMAT, 1, config=cfg, stage=STAGES[0], step=0, done=[], info={})
             if cfg is not None:
