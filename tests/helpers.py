@@ -40,6 +40,18 @@ class GroupedNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class SharedLinear(nn.Module):
+    """One Linear registered under two names (a and b), called twice."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
 def mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 3))
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import svdtrain
-from helpers import GroupedNet, TinyResNet, mlp, randomize_bn
+from helpers import GroupedNet, SharedLinear, TinyResNet, mlp, randomize_bn
 
 
 def _only_torch_modules(model):
@@ -148,16 +148,7 @@ def test_decompose_keeps_dtype_and_shared_layers():
     svdtrain.decompose(model)
     assert model[0].U.dtype == torch.float64 and (model(x) - ref).abs().max() < 1e-10
 
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(5, 5)
-            self.b = self.a
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
-    tied = Tied()
+    tied = SharedLinear(5)
     x = torch.randn(3, 5)
     ref = tied(x)
     svdtrain.decompose(tied)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import svdtrain
+from helpers import SharedLinear
 
 pytest.importorskip("safetensors")
 
@@ -44,23 +45,13 @@ def test_a_wider_layer_of_the_same_rank_is_a_one_line_error(tmp_path):
     assert (tmp_path / "file").read_text() == "mine"
 
 
-class Shared(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.b = self.a  # one layer, two names
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
 def test_a_layer_shared_under_two_names_and_mixed_conv_modes_round_trip(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 8)
-    shared = svdtrain.decompose(Shared())
+    shared = svdtrain.decompose(SharedLinear(8))
     want = cut(shared, x)
     svdtrain.save_pretrained(shared, tmp_path / "shared")
-    loaded = svdtrain.from_pretrained(Shared(), tmp_path / "shared")
+    loaded = svdtrain.from_pretrained(SharedLinear(8), tmp_path / "shared")
     assert loaded.a is loaded.b and isinstance(loaded.b, svdtrain.SVDLinear)
     assert torch.equal(loaded(x), want)
 

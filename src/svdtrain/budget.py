@@ -153,8 +153,8 @@ class BudgetController:
             self.table = LatencyTable(model, input_shape, example_inputs, round_to, timer or wall_time)
             floor = self.table.floor()
         if self.target < floor:
-            raise ValueError(f"target_{kind} {self.target:g} is below the rank-{round_to} floor: rank {round_to} in every SVD layer "
-                             f"keeps {floor:.3f} of dense {self.what}")
+            raise ValueError(f"target_{kind} {self.target:g} is below the rank-{round_to} floor: "
+                             f"rank {round_to} in every SVD layer keeps {floor:.3f} of dense {self.what}")
         self.round_to, self.on_final = round_to, on_final
         self._set_masked(mask)
         self.steps, self.start, self.last, self.slope = 0, None, None, 0.0

@@ -28,9 +28,9 @@ def run_batch(model: nn.Module, batch):
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> int:
     """Re-estimate every BatchNorm's running mean and variance from `batches` (inputs, (inputs,
-    targets) pairs or dicts of keyword arguments, moved to the model's device) as the plain average over the batches of their statistics, with
-    the model as it is now: no gradient, no weight changes, every module's mode and each
-    BatchNorm's momentum restored afterwards. Returns the number of batches used (0: nothing
+    targets) pairs or dicts of keyword arguments, moved to the model's device) as the plain
+    average over the batches of their statistics, with the model as it is now: no gradient, no
+    weight changes, every module's mode and each BatchNorm's momentum restored afterwards. Returns the number of batches used (0: nothing
     changed, e.g. a model without BatchNorm)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:

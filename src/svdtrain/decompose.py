@@ -16,12 +16,15 @@ log = logging.getLogger("svdtrain")
 Skip = None | Iterable[str] | Callable[[str, nn.Module], bool]
 
 
-def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:
+def _skip_predicate(skip: Skip, root: nn.Module) -> Callable[[str, nn.Module], bool]:
     if skip is None:
         return lambda name, module: False
     if callable(skip):
         return skip
     names = {skip} if isinstance(skip, str) else set(skip)
+    unknown = sorted(names - {n for n, _ in root.named_modules(remove_duplicate=False)})
+    if unknown:  # a misspelt name would silently skip nothing
+        raise ValueError(f"skip names no module of the model: {', '.join(unknown[:5])}")
     return lambda name, module: name in names
 
 
@@ -37,20 +40,20 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     init: "svd" keeps the model's function exactly (SVD of the current weights);
           "random" starts the factors afresh, for training from scratch (the reference's init:
           Kaiming-normal U and V^T, s ~ |N(0, 1)|, so Var(W) = 4 / cols);
-          "random_scaled" Kaiming-normal U and V (V at fan-in r) with s scaled so that each W has the norm of the layer's
-          current (freshly initialised) weight.
+          "random_scaled" Kaiming-normal U and V (V at fan-in r) with s scaled so that each
+          W has the norm of the layer's current (freshly initialised) weight.
     skip: None, qualified module names, or a predicate (name, module) -> bool.
     calibration: with init="svd" and mode="channel", input batches (tensors, (x, y) tuples, or
-          dicts of keyword arguments, whose attention_mask keeps padding out) run through the model to factor each new layer
-          activation-aware (whiten.py): W S = U Σ V'^T with S from the layer's inputs,
+          dicts of keyword arguments, whose attention_mask keeps padding out) run through the
+          model to factor each new layer activation-aware (whiten.py): W S = U Σ V'^T with S from the layer's inputs,
           whiten="cholesky" (SVD-LLM: S the Cholesky factor of their second moment, slightly
           damped) or "diag" (ASVD: S = diag(mean |x|)^0.5); V^T = V'^T S^{-1}, so the outputs
           are unchanged and `s` ranks directions by output error. Attention projections are
           whitened by their own inputs.
     Grouped/depthwise convs, convs with string padding, Conv1d/3d, transposed convs, Linear
     subclasses, attention with add_bias_kv or add_zero_attn, RNNs, and layers whose weight
-    another module holds too (an output head tied to the input embedding) stay dense: one log line says how many layers
-    were decomposed, holding what share of the model's MACs (with `input_shape` or
+    another module holds too (an output head tied to the input embedding) stay dense: one log
+    line says how many layers were decomposed, holding what share of the model's MACs (with `input_shape` or
     `example_inputs`; else of the weights of those kinds), and (as a WARNING) which were left
     dense and why. Returns `model`.
     """
@@ -58,13 +61,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         raise ValueError(f"mode must be 'channel' or 'spatial', got {mode!r}")
     if init not in ("svd", "random", "random_scaled"):
         raise ValueError(f"init must be 'svd', 'random' or 'random_scaled', got {init!r}")
-    skipped = _skip_predicate(skip)
     root = unwrap(model)
-    if skip is not None and not callable(skip):  # a misspelt name would silently skip nothing
-        unknown = sorted(({skip} if isinstance(skip, str) else set(skip))
-                         - {n for n, _ in root.named_modules(remove_duplicate=False)})
-        if unknown:
-            raise ValueError(f"skip names no module of the model: {', '.join(unknown[:5])}")
+    skipped = _skip_predicate(skip, root)
     sized = input_shape is not None or example_inputs is not None
     # Collect first: replacing while iterating named_modules() would visit the new layers.
     # Duplicates are kept so a layer shared under two names becomes one SVD layer in both.
@@ -83,7 +81,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
             continue  # inside a layer that stays dense (an attention's out_proj)
         why = kind_of(module).why_dense(module)
         if why is None and id(getattr(module, "weight", None)) in tied:
-            why = "its weight is tied to another module's (an output head tied to the embedding): factoring would untie it"
+            why = ("its weight is tied to another module's (an output head tied to the embedding): "
+                   "factoring would untie it")
         if why is not None:
             left[name] = why
             continue

@@ -46,8 +46,8 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
 
     trace=True returns a torch.fx GraphModule, so the result holds no svdtrain class at all
     and unpickles without svdtrain (except where factored attention ships: its graph calls
-    `svdtrain.attention.attend`; torch.export or ONNX export it without svdtrain); models that torch.fx cannot trace fall back (logged) to
-    a copy of the model's own structure. The original model is not changed.
+    `svdtrain.attention.attend`; torch.export or ONNX export it without svdtrain); models that
+    torch.fx cannot trace fall back (logged) to a copy of the model's own structure. The original model is not changed.
     """
     if choose not in ("macs", "latency"):
         raise ValueError(f"choose must be 'macs' or 'latency', not {choose!r}")
@@ -194,7 +194,8 @@ def export_onnx(compact: nn.Module, example_inputs, path, dynamic_batch: bool = 
     with torch.export), batch size dynamic unless told otherwise; runs in ONNX Runtime with
     PyTorch's outputs. `example_inputs`: a tensor or a tuple of the model's positional inputs.
     The weights are stored in the file itself, except for models over ONNX's 2 GB limit: those
-    get a `<name>.data` file beside it, which must travel with it. Needs onnx and onnxscript (`pip install svdtrain[onnx]`; onnxruntime to run it)."""
+    get a `<name>.data` file beside it, which must travel with it. Needs onnx and onnxscript
+    (`pip install svdtrain[onnx]`; onnxruntime to run it)."""
     try:
         import onnxscript  # noqa: F401  torch's exporter needs it
     except ImportError:

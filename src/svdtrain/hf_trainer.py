@@ -56,7 +56,8 @@ class SVDTrainer(Trainer):
         normalised by `num_items_in_batch`, its test in training_step), else 1."""
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+            scaled = ((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                      or self.compute_loss_func is not None)
         return getattr(self, "current_gradient_accumulation_steps", 1) if scaled and self.model.training else 1
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:

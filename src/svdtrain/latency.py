@@ -197,9 +197,10 @@ def prune_to_latency(model: nn.Module, budget: float, input_shape=None, example_
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"latency_budget must be in (0, 1], got {budget!r}")
     table = table or LatencyTable(model, input_shape, example_inputs, round_to, timer)
-    if budget < table.floor():
+    floor = table.floor()
+    if budget < floor:
         raise ValueError(f"latency_budget {budget:g} is below what rank {round_to} everywhere reaches "
-                         f"({table.floor():.3f} of the dense model's time)")
+                         f"({floor:.3f} of the dense model's time)")
     importance = _importance(model, importance)
     def ranks_at(target):
         return allocate(table.layers, table.names, importance, table.cost, table.fixed, target * table.dense_seconds,
