@@ -68,7 +68,7 @@ class TRP:
             raise ValueError(f"mode must be 'channel' or 'spatial', got {mode!r}")
         self.model, self.every, self.keep_energy = model, every, float(keep_energy)
         self.nuclear, self.mode = float(nuclear), mode
-        skipped = _skip_predicate(skip)
+        skipped = _skip_predicate(skip, unwrap(model))
         self._layers = [(name, m) for name, m in unwrap(model).named_modules()
                         if _truncatable(m) and not skipped(name, m)]
         self.ranks: dict[str, int] = {}
