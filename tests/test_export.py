@@ -276,3 +276,74 @@ def test_transposed_convs_attention_and_rnns_are_named_as_left_dense(caplog):
         assert part in warning
     assert "attn.out_proj" not in warning  # inside the attention module: named once, as the module
     assert isinstance(model.fc, svdtrain.SVDLinear)
+
+
+def test_skipping_one_name_of_a_shared_layer_skips_the_layer():
+    model = svdtrain.decompose(SharedLinear(), skip=["b"])
+    assert type(model.a) is nn.Linear and model.a is model.b  # still one module, not untied
+
+
+def test_frozen_layers_stay_frozen_and_mixed_freezing_of_attention_is_refused():
+    model = mlp()
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    model[3].weight.requires_grad_(False)  # bias-only tuning of one layer
+    svdtrain.decompose(model)
+    assert not any(p.requires_grad for p in model[1].parameters())
+    assert [p.requires_grad for p in (model[3].U, model[3].s, model[3].V, model[3].bias)] == [False] * 3 + [True]
+    assert all(p.requires_grad for p in model[5].parameters())
+    before = model[1].weight.detach().clone()
+    opt = torch.optim.SGD(svdtrain.param_groups(model, 0.0), lr=0.5)
+    model(torch.randn(4, 3, 4, 4)).square().mean().backward()
+    opt.step()
+    assert torch.equal(model[1].weight, before)
+    attn = nn.Sequential(nn.MultiheadAttention(8, 2))
+    attn[0].out_proj.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen and trainable"):
+        svdtrain.decompose(attn)
+    assert type(attn[0]) is nn.MultiheadAttention  # refused before any change
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        svdtrain.decompose(mlp())
+
+
+class Masked(nn.Module):
+    """A forward with an optional argument that changes the result when given."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x, mask=None):
+        h = torch.relu(self.fc1(x))
+        if mask is not None:
+            h = h * mask.unsqueeze(-1)
+        return self.fc2(h.mean(1))
+
+
+def test_a_forward_with_optional_arguments_exports_untraced_and_keeps_them():
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 5, 8), (torch.rand(2, 5) > 0.5).float()
+    model = svdtrain.decompose(Masked(), example_inputs=(x,))
+    svdtrain.prune(model, keep_energy=0.9)
+    compact = svdtrain.export(model.eval(), example_inputs=(x,))
+    assert not isinstance(compact, torch.fx.GraphModule)
+    with torch.no_grad():
+        for args in ((x,), (x, mask)):
+            torch.testing.assert_close(compact(*args), model(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_layers_the_forward_never_calls_are_named(caplog):
+    class ListRef(nn.Module):  # calls its layers through a plain list: decompose cannot reach them
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+            self.layers = [self.a, self.b]
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    with caplog.at_level("WARNING", logger="svdtrain"):
+        svdtrain.decompose(ListRef(), example_inputs=(torch.randn(3, 8),))
+    assert "2 SVD layers were not called" in caplog.text and ": a, b" in caplog.text

@@ -195,3 +195,52 @@ def test_a_layer_whose_weight_is_read_ships_dense_and_is_named(caplog):
     svdtrain.prune(svd, macs_budget=0.6, example_inputs=x)
     compact = svdtrain.export(svd, example_inputs=x)
     assert type(compact.a) is nn.Linear and svdtrain.count_macs(compact, example_inputs=x) <= 0.6 * 2 * 4 * 1024
+
+
+def test_tied_parameters_count_once():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(50, 16), nn.Linear(16, 50, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    assert svdtrain.count_params(Tied()) == 50 * 16
+
+
+@pytest.mark.parametrize("extra", [{"add_bias_kv": True}, {"add_zero_attn": True}])
+def test_attention_with_appended_keys_counts_them(extra):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, **extra)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    length, n, e = 5, 2, 16
+    expected = n * (4 * length * e * e + 2 * length * (length + 1) * e)  # one key/value more
+    assert svdtrain.count_macs(Block().eval(), (length, n, e)) == expected
+
+
+def test_an_encoder_with_a_padding_mask_is_counted_in_eval():
+    # PyTorch's fast path would run on nested tensors; counting turns it off for its pass only
+    import torch
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2)
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, x, pad):
+            return self.enc(x, src_key_padding_mask=pad)
+
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, -2:] = True
+    n, length, e, ff = 2, 5, 16, 32
+    per_layer = n * (4 * length * e * e + 2 * length * length * e + 2 * length * e * ff)
+    assert svdtrain.count_macs(Enc().eval(), example_inputs=(torch.randn(n, length, e), pad)) == 2 * per_layer
+    assert torch.backends.mha.get_fastpath_enabled()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterable
 
+import torch
 from torch import nn
 
 from .kinds import KINDS, kind_of
@@ -61,15 +62,27 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         raise ValueError(f"mode must be 'channel' or 'spatial', got {mode!r}")
     if init not in ("svd", "random", "random_scaled"):
         raise ValueError(f"init must be 'svd', 'random' or 'random_scaled', got {init!r}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("decompose under torch.inference_mode() makes factors that can never be "
+                           "trained; call it outside inference_mode (torch.no_grad is fine)")
     root = unwrap(model)
-    skipped = _skip_predicate(skip, root)
+    named = list(root.named_modules(remove_duplicate=False))
+    # A layer shared under two names is skipped under both when either is named: one module.
+    skip_ids = {id(m) for name, m in named if _skip_predicate(skip, root)(name, m)}
+
+    def skipped(name: str, module: nn.Module) -> bool:
+        return id(module) in skip_ids
     sized = input_shape is not None or example_inputs is not None
     # Collect first: replacing while iterating named_modules() would visit the new layers.
     # Duplicates are kept so a layer shared under two names becomes one SVD layer in both.
-    targets = [(name, m) for name, m in root.named_modules(remove_duplicate=False)
-               if kind_of(m) is not None and not skipped(name, m)]
+    targets = [(name, m) for name, m in named if kind_of(m) is not None and not skipped(name, m)]
     if calibration is not None:
         check_calibration(init, mode, whiten, [kind_of(m) for _, m in targets if kind_of(m).why_dense(m) is None])
+    for name, m in targets:  # before any change: a refused model stays as it was
+        flags = [p.requires_grad for p in m.parameters()]
+        if any(flags) and not all(flags) and not isinstance(getattr(m, "weight", None), nn.Parameter):
+            raise ValueError(f"decompose: {name} has frozen and trainable parameters in a way its SVD form "
+                             f"cannot keep; freeze all of it or none, or skip it")
     tied = _tied_weights(root)
     done: dict[int, nn.Module] = {}
     left: dict[str, str] = {}  # name -> why it stays dense
@@ -88,6 +101,7 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
             continue
         new = kind_of(module).build(module, mode, init)
         new.train(module.training)
+        _carry_frozen(module, new)
         done[id(module)] = new
         _set_submodule(root, name, new)
     for m in root.modules():
@@ -145,6 +159,12 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None
         share = kept / max(1, kept + dense_left)
         what = "of the weights of decomposable kinds"
     line = f"svdtrain: decomposed {len(done)} layers holding {share:.1%} {what}"
+    idle = [n for n, m in root.named_modules() if isinstance(m, SVDLayer) and not m.plan.calls] \
+        if records is not None else []
+    if idle:  # e.g. a forward that reaches its layers through a plain list keeps the old ones
+        log.warning("svdtrain: %d SVD layers were not called in the profiled pass (a branch not taken, or "
+                    "a forward that calls the original layers through a list or another object, so "
+                    "training would not reach them): %s", len(idle), ", ".join(idle[:8]))
     reads = [n for n, m in root.named_modules() if isinstance(m, SVDLayer) and m.plan.reads_weight]
     if reads:  # the profile saw other code read their .weight: they keep a dense form to ship
         log.warning("svdtrain: %d SVD layers ship dense at any rank: code outside them reads their .weight "
@@ -162,6 +182,21 @@ def eligible(module: nn.Module) -> bool:
     and the entry finds no reason to leave it dense."""
     kind = kind_of(module)
     return kind is not None and kind.why_dense(module) is None
+
+
+def _carry_frozen(old: nn.Module, new: nn.Module) -> None:
+    """A frozen layer stays frozen: its factors take the weight's requires_grad, the bias its own."""
+    flags = [p.requires_grad for p in old.parameters()]
+    if all(flags):
+        return
+    if not any(flags):
+        new.requires_grad_(False)
+        return
+    weight, bias = old.weight, getattr(old, "bias", None)  # a plain layer (checked in decompose)
+    for p in (new.U, new.s, new.V):
+        p.requires_grad_(weight.requires_grad)
+    if isinstance(bias, nn.Parameter) and new.bias is not None:
+        new.bias.requires_grad_(bias.requires_grad)
 
 
 def _tied_weights(root: nn.Module) -> set[int]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import statistics
 import time
@@ -47,7 +48,8 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
     trace=True returns a torch.fx GraphModule, so the result holds no svdtrain class at all
     and unpickles without svdtrain (except where factored attention ships: its graph calls
     `svdtrain.attention.attend`; torch.export or ONNX export it without svdtrain); models that
-    torch.fx cannot trace fall back (logged) to a copy of the model's own structure. The original model is not changed.
+    torch.fx cannot trace, or whose forward takes optional arguments (`mask=None`: a trace would
+    fix the branch taken), fall back (logged) to a copy of the model's own structure. The original model is not changed.
     """
     if choose not in ("macs", "latency"):
         raise ValueError(f"choose must be 'macs' or 'latency', not {choose!r}")
@@ -92,12 +94,27 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
     _restore_fast_paths(compact)
     if not trace:
         return compact
+    optional = _optional_args(compact)
+    if optional:  # fx would settle `if mask is None` once, at trace time, for every later call
+        log.info("svdtrain: export keeps the model's module structure: its forward takes optional "
+                 "arguments (%s) that a torch.fx trace would fix", ", ".join(optional))
+        return compact
     try:
         return torch.fx.symbolic_trace(compact).eval()
     except Exception as err:  # data-dependent control flow etc.: keep the module structure
         log.info("svdtrain: torch.fx could not trace the model (%s); export keeps its "
                  "module structure", str(err).splitlines()[0] if str(err) else type(err).__name__)
         return compact
+
+
+def _optional_args(module: nn.Module) -> list[str]:
+    """The forward's arguments with a default value, or variadic ones."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is not p.empty
+            or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _restore_fast_paths(compact: nn.Module) -> None:

@@ -58,7 +58,8 @@ def _attention_macs(m: nn.Module, q: torch.Tensor, k: torch.Tensor) -> int:
         n, tgt, src = (q.shape[0], q.shape[1], k.shape[1]) if m.batch_first else (q.shape[1], q.shape[0], k.shape[0])
     e = m.embed_dim
     proj = tgt * e * e + src * m.kdim * e + src * m.vdim * e + tgt * e * e  # q, k, v, out
-    return n * (proj + 2 * tgt * src * e)  # + scores (q k^T) and weights @ v
+    keys = src + (m.bias_k is not None) + m.add_zero_attn  # those appended after projection
+    return n * (proj + 2 * tgt * keys * e)  # + scores (q k^T) and weights @ v
 
 
 def _rnn_macs(m: nn.RNNBase, x: torch.Tensor) -> int:
@@ -196,11 +197,15 @@ def profile(model: nn.Module, input_shape=None, example_inputs=None) -> list[Lay
     for _, layer in svd_layers(model):
         layer.plan.calls, layer.plan.reads_weight = [], False
     Recording.active, Recording.products = True, products
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
+        # attention's fused inference path would hand the hooks nested tensors (and skip them)
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), products:
             model(*inputs)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         Recording.active, Recording.products = False, None
         for m, training in modes.items():
             m.training = training
@@ -231,10 +236,13 @@ def count_params(model: nn.Module, cost: str = "deploy") -> int:
     """Parameters of the model, SVD layers counted as in `count_macs` (buffers excluded)."""
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
-    total = 0
+    total, seen = 0, set()
     for module in unwrap(model).modules():
         if isinstance(module, SVDLayer):
             total += layer_params(module, cost)
-        else:
-            total += sum(p.numel() for p in module.parameters(recurse=False))
+            continue
+        for p in module.parameters(recurse=False):  # a tied head and its embedding: one tensor
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
     return total
