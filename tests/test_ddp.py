@@ -14,7 +14,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(TINY_CONFIG.format(data=tmp_path / "data"))
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "svdtrain",
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "svdtrain",
                           "run", str(cfg), "--out", str(out), "--quiet", "epochs.orth=0",
                           "regularizer.target_macs=0.6"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -33,3 +33,39 @@ def test_torchrun_two_gloo_processes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     x, y = normalized_test_data(tmp_path / "data")
     assert summary["accuracy"] == pytest.approx(program_accuracy(out / "compact.pt2", x, y), abs=1e-9)
+
+
+RANKS_AGREE = """
+import json, sys
+import torch, torch.distributed as dist
+from torch import nn
+from svdtrain.distributed import rank0_timer, replica_spread
+from svdtrain.engine import RunError
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+timer = rank0_timer(lambda module, inputs: 1.0 + rank)  # each process times differently
+readings = [timer(None, None) for _ in range(2)]
+torch.manual_seed(0)
+model = nn.Linear(3, 3)
+model.register_buffer("active", torch.ones(3, dtype=torch.bool))
+same = replica_spread(model)
+if rank == 1:
+    model.active[0] = False  # one rank keeps another rank: the models differ
+try:
+    replica_spread(model)
+    caught = False
+except RunError:
+    caught = True
+json.dump({"readings": readings, "same": same, "caught": caught}, open(sys.argv[1] + str(rank), "w"))
+"""
+
+
+def test_latency_readings_are_rank_0s_and_diverged_masks_are_caught(tmp_path):
+    script = tmp_path / "agree.py"
+    script.write_text(RANKS_AGREE)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                          str(tmp_path / "rank")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}").read_text())
+        assert got == {"readings": [1.0, 1.0], "same": 0.0, "caught": True}

@@ -53,7 +53,7 @@ def test_fit_resumes_from_its_training_state_to_the_identical_result(setting, tm
         fit(fresh_model(), data, cfg, 2, quiet=True, checkpoint=ckpt, on_step=crash_after(6))
     state = torch.load(ckpt, weights_only=True)
     # The training-state layout of a run checkpoint (checkpoint.py), marked as fit's own file.
-    assert set(state) == {"format", "version", "epoch", "metrics", "model", "optimizer", "rng"}
+    assert set(state) == {"format", "version", "epoch", "metrics", "model", "optimizer", "rng", "fit"}
     assert state["format"] == "svdtrain-train" and state["epoch"] == 1 and set(state["optimizer"]) == {"opt", "sched"}
     resumed = fresh_model()
     assert without_seconds(fit(resumed, data, cfg, 2, quiet=True, checkpoint=ckpt)) == without_seconds(rows)
@@ -81,3 +81,16 @@ def test_fit_refuses_a_file_that_is_no_training_state(setting, tmp_path):
     torch.save({"format": "svdtrain-run", "epoch": 1}, ckpt)
     with pytest.raises(RunError, match="not an svdtrain training checkpoint"):
         fit(fresh_model(), data, cfg, 1, quiet=True, checkpoint=ckpt)
+
+
+def test_fit_refuses_to_resume_under_other_epochs_or_settings(setting, tmp_path):
+    data, cfg = setting
+    ckpt = tmp_path / "train.pt"
+    with pytest.raises(Crash):
+        fit(fresh_model(), data, cfg, 2, quiet=True, checkpoint=ckpt, on_step=crash_after(6))
+    with pytest.raises(RunError, match="other epochs"):  # its schedule was laid out for 2
+        fit(fresh_model(), data, cfg, 4, quiet=True, checkpoint=ckpt)
+    other = {**cfg, "optim": {**cfg["optim"], "lr": cfg["optim"]["lr"] / 10}}
+    with pytest.raises(RunError, match="other optim"):
+        fit(fresh_model(), data, other, 2, quiet=True, checkpoint=ckpt)
+    assert len(fit(fresh_model(), data, cfg, 2, quiet=True, checkpoint=ckpt)) == 2  # its own settings: resumes

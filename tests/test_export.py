@@ -347,3 +347,14 @@ def test_layers_the_forward_never_calls_are_named(caplog):
     with caplog.at_level("WARNING", logger="svdtrain"):
         svdtrain.decompose(ListRef(), example_inputs=(torch.randn(3, 8),))
     assert "2 SVD layers were not called" in caplog.text and ": a, b" in caplog.text
+
+
+@pytest.mark.parametrize("choose", ["macs", "latency"])
+def test_export_leaves_the_callers_random_stream_as_it_was(choose):
+    model = svdtrain.decompose(TinyResNet(), input_shape=(1, 3, 8, 8))
+    svdtrain.prune(model, keep_energy=0.9)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    svdtrain.export(model, input_shape=(1, 3, 8, 8), choose=choose, reps=1)
+    assert torch.equal(torch.rand(4), expected)

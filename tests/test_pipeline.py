@@ -143,6 +143,9 @@ def test_summary_macs_are_those_of_the_shipped_program(finished):
     (["regularizer.target_latency=0.5", "regularizer.target_macs=0.5"], "target_latency is a budget of its own"),
     (["optim.schedule_span=[0.5,0.2]"], "optim.schedule_span must be [start, end]"),
     (["lr"], "not of the form key=value"),
+    (["optim.warmup_fraction=3"], "optim.warmup_fraction in [0, 1)"),
+    (["regularizer.orth=-1"], "regularizer.orth and optim.weight_decay must be >= 0"),
+    (["optim.step_milestones=[a]"], "optim.step_milestones must be fractions"),
 ])
 def test_config_errors_are_one_line(tiny, tmp_path, args, message):
     out = cli("run", tiny[1], "--out", tmp_path / "x", *args, check=False)
@@ -258,6 +261,28 @@ def test_dense_run_then_svd_init_from_its_checkpoint(tiny, tmp_path):
         assert s["macs"] <= 0.5 * s["dense_macs"]
         info = torch.load(svd / "checkpoint.pt", weights_only=True)["info"]
         assert info["dense_checkpoint_sha256"] == hashlib.sha256((dense / "model_state.pt").read_bytes()).hexdigest()
+
+
+def test_an_unusable_or_occupied_out_is_refused_before_training(tiny, tmp_path):
+    (tmp_path / "afile").write_text("")
+    out = cli("run", tiny[1], "--out", tmp_path / "afile" / "sub", check=False)
+    assert out.returncode == 2 and "cannot create --out" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    user = tmp_path / "mine"
+    (user / "onnx.tmp").mkdir(parents=True)  # a user's folder whose name looks like a temp file's
+    (user / "onnx.tmp" / "notes.txt").write_text("keep")
+    out = cli("run", tiny[1], "--out", user, "export.onnx=true", check=False)
+    assert out.returncode == 2 and "is not empty" in out.stderr
+    assert (user / "onnx.tmp" / "notes.txt").read_text() == "keep"
+
+
+def test_a_missing_optional_model_library_is_named_without_the_cli_extras_hint(tiny, tmp_path):
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is installed here")
+    except Exception:
+        pass
+    out = cli("run", tiny[1], "--out", tmp_path / "x", "model=tv:resnet18", check=False)
+    assert out.returncode == 2 and "torchvision" in out.stderr and "svdtrain[cli]" not in out.stderr
 
 
 def test_kill_during_first_checkpoint_write_still_resumes(tiny, tmp_path):

@@ -69,9 +69,10 @@ def main(argv=None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return _dispatch(args)
-    except ImportError as err:
-        print(f"svdtrain: error: {err}; install the command-line extras: pip install 'svdtrain[cli]'",
-              file=sys.stderr)
+    except ImportError as err:  # the extras' own hint only where one of them is missing
+        cli_extra = (err.name or "").split(".")[0] in ("tqdm", "yaml", "matplotlib", "sklearn", "PIL")
+        hint = "; install the command-line extras: pip install 'svdtrain[cli]'" if cli_extra else ""
+        print(f"svdtrain: error: {err}{hint}", file=sys.stderr)
         return 2
     except (ConfigError, OSError, ValueError, RuntimeError, TypeError, pickle.UnpicklingError, EOFError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__

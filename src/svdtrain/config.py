@@ -236,6 +236,14 @@ def validate(cfg: dict) -> None:
         raise ConfigError("prune.recalibrate must be >= 0 (0 = off) and prune.score_batches >= 1")
     if d["calibration"] < 0:
         raise ConfigError(f"decompose.calibration must be >= 0 (0 = off), got {d['calibration']}")
+    o = cfg["optim"]
+    if not (o["lr"] > 0 and o["finetune_lr"] > 0 and 0.0 <= o["warmup_fraction"] < 1.0):
+        raise ConfigError("optim.lr and optim.finetune_lr must be > 0, optim.warmup_fraction in [0, 1)")
+    if r["orth"] < 0 or o["weight_decay"] < 0:
+        raise ConfigError("regularizer.orth and optim.weight_decay must be >= 0")
+    miles = o["step_milestones"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in miles):
+        raise ConfigError(f"optim.step_milestones must be fractions of the schedule in [0, 1], got {miles}")
     span = cfg["optim"]["schedule_span"]
     if (len(span) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in span)
             or not 0.0 <= span[0] < span[1] <= 1.0):

@@ -40,8 +40,24 @@ def replica_spread(model: nn.Module) -> float:
     """Max minus min over ranks of a checksum of all parameters and buffers: 0.0 when every
     replica holds the same model (DDP must keep them identical, regularizer included)."""
     total = sum(t.detach().double().sum() for t in unwrap(model).state_dict().values()
-                if torch.is_tensor(t) and t.is_floating_point())
+                if torch.is_tensor(t))  # the active masks (bool) too: every rank at the same ranks
     gap = spread(total, total.device)
     if gap > 1e-6 * max(1.0, abs(float(total))):
         raise RunError(f"DDP replicas diverged (parameter checksum spread {gap:.3g})")
     return gap
+
+
+def rank0_timer(timer=None):
+    """Under DDP, a latency timer (module, inputs) -> seconds whose every reading is rank 0's,
+    so every rank makes the same latency-budget choices (each process times differently);
+    without a process group, the timer itself (default: latency.wall_time)."""
+    from .latency import wall_time
+    timer = timer or wall_time
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return timer
+
+    def timed(module, inputs):
+        seconds = [timer(module, inputs)]
+        dist.broadcast_object_list(seconds, src=0)
+        return seconds[0]
+    return timed

@@ -188,12 +188,16 @@ def read_training_state(path: Path) -> dict:
     return state
 
 
+FIT_KEYS = ("optim", "batch_size", "label_smoothing", "augment")  # what a fit checkpoint is tied to
+
+
 def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpoint=None, quiet=False,
         on_backward=None, on_step=None, log=print) -> list[dict]:
     """Train any model for `epochs` with the run config's optimizer, schedule and augmentation
     (single process) in the pipeline's loop (`train_phase`): the loop the benchmarks use for
     baselines. With `checkpoint`, the training state is saved there after every epoch and a
-    rerun resumes from it. Returns the per-epoch metrics."""
+    rerun with the same stage, epochs and training settings (FIT_KEYS) resumes from it; other
+    settings are refused. Returns the per-epoch metrics."""
     cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     model.to(device)
@@ -206,6 +210,13 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
     opt, sched = make_optimizer(model, cfg, stage, epochs * len(loader))
     ckpt = Path(checkpoint) if checkpoint else None
     state = read_training_state(ckpt) if ckpt is not None and ckpt.exists() else new_training_state()
+    settings = {"stage": stage, "epochs": epochs, **{k: cfg[k] for k in FIT_KEYS}}
+    saved = state.get("fit", {})  # none in checkpoints from before it was recorded
+    changed = [k for k in settings if k in saved and saved[k] != settings[k]]
+    if changed:  # its schedule and optimizer state belong to those settings
+        raise RunError(f"{ckpt} was written by a fit with other {', '.join(changed)}; "
+                       "give another checkpoint path (or delete it to start over)")
+    state["fit"] = settings
     train_phase(model, loader, opt, sched, reg, cfg, device, stage=stage, epochs=epochs, state=state,
                 save=lambda s: atomic_save(s, ckpt) if ckpt is not None else None,
                 accuracies=lambda: {k: evaluate(model, v) for k, v in evals.items()}, quiet=quiet,

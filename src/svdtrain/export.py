@@ -51,6 +51,14 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
     torch.fx cannot trace, or whose forward takes optional arguments (`mask=None`: a trace would
     fix the branch taken), fall back (logged) to a copy of the model's own structure. The original model is not changed.
     """
+    p = next(unwrap(model).parameters(), None)
+    # new layers' init and the timings' inputs draw from a stream of export's own: a user's
+    # training loop that exports goes on as it would have
+    with torch.random.fork_rng(devices=[p.device.index or 0] if p is not None and p.is_cuda else []):
+        return _export(model, input_shape, trace, choose, round_to, reps, channels_last, example_inputs)
+
+
+def _export(model, input_shape, trace, choose, round_to, reps, channels_last, example_inputs) -> nn.Module:
     if choose not in ("macs", "latency"):
         raise ValueError(f"choose must be 'macs' or 'latency', not {choose!r}")
     sized = input_shape is not None or example_inputs is not None

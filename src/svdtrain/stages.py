@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,7 +20,7 @@ from .budget import BudgetController, budget_warning, macs_at_energy
 from .calibrate import recalibrate_batchnorm
 from .checkpoint import atomic_save, atomic_write_text, model_state
 from .context import RunContext
-from .distributed import replica_spread, spread
+from .distributed import rank0_timer, replica_spread, spread
 from .engine import evaluate, make_optimizer, stage_epoch, task_loss, train_phase
 from .export import export, export_onnx, export_program
 from .importance import loss_importance
@@ -141,7 +143,8 @@ def _budget(ctx: RunContext, reg: Regularizer, opt, total_steps: int) -> BudgetC
     return BudgetController(ctx.model, reg, input_shape=_deploy_shape(ctx) if r["target_latency"] else ctx.shape,
                             total_steps=total_steps, target_at=r["target_at"], keep_energy=p["keep_energy"],
                             mask=p["gradual"], optimizer=opt, score=p["score"],
-                            on_final=(lambda: unwhiten(ctx.model, opt, every=_plain(ctx))) if p["unwhiten"] else None, **target)
+                            on_final=(lambda: unwhiten(ctx.model, opt, every=_plain(ctx))) if p["unwhiten"] else None,
+                            timer=rank0_timer(), **target)
 
 
 def _plain(ctx: RunContext) -> bool:
@@ -201,7 +204,8 @@ def prune_stage(ctx: RunContext) -> None:
     if latency:
         for _, layer in svd_layers(ctx.model):
             layer.set_form("auto")  # the cut re-times every layer and pins its faster form again
-        info["ranks"] = prune(ctx.model, latency_budget=latency, input_shape=_deploy_shape(ctx), scores=scores)
+        info["ranks"] = prune(ctx.model, latency_budget=latency, input_shape=_deploy_shape(ctx), scores=scores,
+                              timer=rank0_timer())
     elif budget > 0:
         info["ranks"] = prune(ctx.model, macs_budget=budget, input_shape=ctx.shape, scores=scores)
     else:
@@ -263,9 +267,7 @@ def export_stage(ctx: RunContext) -> None:
     export_program(compact, example, tmp, dynamic_batch=True)
     os.replace(tmp, ctx.out / "compact.pt2")
     if ex["onnx"]:  # written under its final name in a temporary folder: an external data file keeps its name
-        tmp = ctx.out / "onnx.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix="onnx.", suffix=".tmp", dir=ctx.out))
         try:
             export_onnx(compact, example, tmp / "compact.onnx")
             for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # the .onnx last

@@ -81,9 +81,13 @@ class Run:
             raise RunError(f"no run in {self.out} (no {CHECKPOINT}); start one with `svdtrain run CONFIG --out {self.out}`")
         if self.out.exists() and not self.out.is_dir():
             raise RunError(f"--out {self.out} is a file, not a directory")
-        # A kill during the very first checkpoint write leaves only our temp files.
-        if self.out.exists() and any(not p.name.endswith((".tmp", ".tmp.pt2", ".tmp.onnx")) for p in self.out.iterdir()):
+        # A kill during the very first checkpoint write leaves only its temp file.
+        if self.out.exists() and any(p.name != CHECKPOINT + ".tmp" for p in self.out.iterdir()):
             raise RunError(f"{self.out} is not empty and holds no svdtrain run; choose a new --out")
+        try:  # now, not after the first epoch
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunError(f"cannot create --out {self.out}: {err.strerror}") from None
         return new_training_state(FORMAT, 1, config=cfg, stage=STAGES[0], step=0, done=[], info={})
 
     @staticmethod
