@@ -358,3 +358,24 @@ def test_export_leaves_the_callers_random_stream_as_it_was(choose):
     torch.manual_seed(3)
     svdtrain.export(model, input_shape=(1, 3, 8, 8), choose=choose, reps=1)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_hooks_that_do_not_carry_over_and_bilinear_layers_are_named(caplog):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].register_forward_hook(lambda m, i, o: None)
+    with caplog.at_level("WARNING", logger="svdtrain"):
+        svdtrain.decompose(model)
+    assert "hooks registered on 1 do not carry over" in caplog.text
+    caplog.clear()
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bi, self.fc = nn.Bilinear(4, 4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.bi(x, x))
+
+    with caplog.at_level("WARNING", logger="svdtrain"):
+        svdtrain.decompose(Pair())
+    assert "bi: Bilinear is not decomposed" in caplog.text and "experts" not in caplog.text

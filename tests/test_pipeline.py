@@ -323,6 +323,11 @@ def test_fork_a_trained_run_into_two_budgets(tiny, tmp_path):
         assert s["macs"] <= budget * s["dense_macs"]
     assert not (trained / "summary.json").exists()  # the source run is untouched
     assert fork_run(trained, tmp_path / "b0.3") == tmp_path / "b0.3"  # an existing fork is kept
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(RunError, match="is not empty"):  # a user's folder is not written into
+        fork_run(trained, tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.parametrize("name", sorted(f.removesuffix(".yaml") for f in os.listdir(

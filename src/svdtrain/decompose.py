@@ -86,6 +86,7 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     tied = _tied_weights(root)
     done: dict[int, nn.Module] = {}
     left: dict[str, str] = {}  # name -> why it stays dense
+    hooked: list[str] = []  # layers with hooks, which their SVD form does not carry
     for name, module in targets:
         if id(module) in done:
             _set_submodule(root, name, done[id(module)])
@@ -99,6 +100,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         if why is not None:
             left[name] = why
             continue
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+            hooked.append(name)
         new = kind_of(module).build(module, mode, init)
         new.train(module.training)
         _carry_frozen(module, new)
@@ -125,6 +128,9 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
             if id(module) in done:
                 _set_submodule(root, name, module)
         raise
+    if hooked:
+        log.warning("svdtrain: hooks registered on %s do not carry over to their SVD form: register them "
+                    "again on the new layers (or skip these)", ", ".join(hooked[:8]))
     _log_coverage(root, done, left, skipped, records)
     return model
 
@@ -140,7 +146,7 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None
         if name in left or isinstance(m, (SVDLayer, *svd_forms)) or skipped(name, m) or any(
                 name.startswith(p + ".") for p in passed):
             continue  # a skipped or dense-left layer's own parts are not reported again
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention, nn.RNNBase)) \
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.MultiheadAttention, nn.RNNBase)) \
                 and kind_of(m) is None:
             left[name] = f"{type(m).__name__} is not decomposed"
             continue

@@ -163,6 +163,9 @@ def fork_run(src, dst) -> Path:
         return dst
     if not (src / CHECKPOINT).exists():
         raise RunError(f"no run to fork in {src}")
+    ours = {"metrics.jsonl", "metrics.jsonl.tmp", CHECKPOINT + ".tmp"}  # what a killed fork leaves
+    if dst.is_dir() and any(p.name not in ours for p in dst.iterdir()):
+        raise RunError(f"{dst} is not empty and holds no svdtrain run; choose a new folder")
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.jsonl", CHECKPOINT):  # the checkpoint last: its presence marks a run
         if (src / name).exists():
