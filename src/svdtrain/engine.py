@@ -147,7 +147,8 @@ def train_phase(model, loader, opt, sched, reg, cfg: dict, device, *, stage: str
     set), the model, opt, sched, the other stepped `parts` ({name: object with state_dict})
     and the RNG resume from it. Then per epoch from state["epoch"]: one `train_epoch` of
     `forward` (the module training calls: the model in DDP or compiled; default the model)
-    on the stage's own shuffle order; accuracies() (test, validation), the lr, seconds and
+    on the stage's own shuffle order; accuracies() (test, validation), the lr at the epoch's
+    end (where the next epoch starts: 0 after a schedule's last step), seconds and
     extra_stats() are appended to state["metrics"], the training state is recorded in
     `state` and save(state) writes it."""
     parts = {"opt": opt, "sched": sched, **(parts or {})}
