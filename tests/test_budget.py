@@ -1,4 +1,5 @@
 """Budget-driven training: the strength controller and the pipeline that uses it."""
+import copy
 import json
 import subprocess
 import sys
@@ -70,8 +71,12 @@ def test_macs_at_energy_matches_prune_then_count():
     for _, layer in svdtrain.svd_layers(model):  # a spread-out spectrum
         layer.s.data = torch.logspace(0, -5, layer.s.numel())
     predicted, _ = macs_at_energy(profile(model, SHAPE), 0.999)
+    rounded, _ = macs_at_energy(profile(model, SHAPE), 0.999, round_to=4)
+    other = copy.deepcopy(model)
     svdtrain.prune(model, keep_energy=0.999)
     assert predicted == svdtrain.count_macs(model, SHAPE)
+    svdtrain.prune(other, keep_energy=0.999, round_to=4)  # ranks rounded up, as the measure counts them
+    assert rounded == svdtrain.count_macs(other, SHAPE) > predicted
 
 
 # The CLI with the latency table's clock reading MACs (deterministic, unlike the wall clock).

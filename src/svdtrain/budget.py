@@ -31,7 +31,9 @@ The rule, in full (BudgetController):
   so a compiled model keeps one graph through the ramp; at its end the layers return to
   their active ranks (one recompile). `round_to` makes every rank a multiple of it.
   With score="loss", the masks rank values by loss importance instead of energy share:
-  (s * dL/ds)^2 summed over the training steps since the previous update (importance.py).
+  (s * dL/ds)^2 summed over the training steps since the previous update (importance.py),
+  dL/ds the gradient the optimizer stepped on: task loss plus the sparsity term (one-shot
+  prune's `loss_importance` takes the task loss alone).
 - A target below the rank-1 floor (rank 1 in every SVD layer) is refused at construction.
 - If the target is not reached by the end of the stage (m > target + tolerance), `report()`
   says so; the prune stage still meets the budget (prune(macs_budget=target)), by cutting
@@ -52,14 +54,16 @@ from .macs import LayerCost, profile
 from .prune import clear_pruned_state, energy_rank, prune, rank_floor
 
 
-def macs_at_energy(records: list[LayerCost], keep_energy: float) -> tuple[int, list[int]]:
+def macs_at_energy(records: list[LayerCost], keep_energy: float, round_to: int = 1) -> tuple[int, list[int]]:
     """(deploy MACs, ranks) if every SVD layer in `records` (a `profile` of the model) were
-    pruned now at `keep_energy`; every call of a layer counts (the plan's cost rule)."""
+    pruned now at `keep_energy` (ranks rounded up to multiples of `round_to`, as prune does);
+    every call of a layer counts (the plan's cost rule)."""
     layers = {id(r.module): r.module for r in records if isinstance(r.module, SVDLayer)}
     total = sum(r.macs() for r in records if not isinstance(r.module, SVDLayer))
     ranks = []
     for layer in layers.values():
         k = energy_rank(layer.s.detach()[layer.active], keep_energy)
+        k = min(layer.rank, -(-k // round_to) * round_to)
         total += layer.plan.macs(k)
         ranks.append(k)
     return total, ranks
@@ -167,7 +171,7 @@ class BudgetController:
         """MACs (or predicted time) at keep_energy now, as a fraction of the dense model's."""
         if self.table is not None:
             return self.table.at_energy(self.keep_energy)
-        return macs_at_energy(self._records, self.keep_energy)[0] / self.dense_macs
+        return macs_at_energy(self._records, self.keep_energy, self.round_to)[0] / self.dense_macs
 
     def schedule(self, step: int | None = None) -> float:
         """The MACs fraction the schedule asks for at `step` (default: now)."""

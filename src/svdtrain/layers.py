@@ -48,10 +48,14 @@ class SVDLayer(nn.Module):
             u, s, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
             u, s, v = u.to(dtype), s.to(dtype), vh.mH.to(dtype)
         elif init in ("random", "random_scaled"):
-            # Kaiming-normal factors, s drawn as |N(0,1)| (so U diag(s) V^T equals
-            # U diag(|s|) V^T from the start). "random" is the reference code's scratch init:
-            # its V^T (r x cols) drawn with fan-in cols, so Var(W) = 4/cols (sqrt(2) x a
-            # Kaiming dense init's std). "random_scaled" draws V (cols x r) with fan-in r
+            # Kaiming-normal factors, s drawn as |N(0,1)| (so U diag(s) V^T equals the
+            # reference's U diag(|s|) V^T at the start). s then trains signed: a value that
+            # crosses zero is the reference's |s_i| with u_i negated, the same weights without
+            # the kink of |s| at 0; sparsity terms and pruning read |s|. "random" is the
+            # reference code's scratch init: its V^T (r x cols) drawn with fan-in cols, so
+            # Var(W) = 4/cols (sqrt(2) x a Kaiming dense init's std; in spatial mode the
+            # reference's matrix is this view's transpose, so its fan-in is out x kh, not
+            # in x kw). "random_scaled" draws V (cols x r) with fan-in r
             # (Var(W) = 4/r) and scales s so that ||U diag(s) V^T|| equals the norm of the
             # layer's own fresh dense weight.
             u = torch.empty(rows, r)

@@ -27,7 +27,8 @@ def _gram_deviation(f: torch.Tensor, probes: int = 0) -> torch.Tensor:
 
 
 def layer_orthogonality(layer: SVDLayer, probes: int = 0) -> torch.Tensor:
-    """(||U^T U - I||_F^2 + ||V^T V - I||_F^2) / r^2 over the active columns; with a metric S
+    """(||U^T U - I||_F^2 + ||V^T V - I||_F^2) / r^2 over the active columns, r the active rank
+    (the reference removes pruned columns before fine-tuning, so it divides by that r too); with a metric S
     (a whitened layer, `SVDLayer.set_metric`) V^T V is (S^T V)^T (S^T V) = V^T C V. probes > 0:
     each Gram term estimated with that many random probes (`_gram_deviation`)."""
     u, _, v = layer.factors()
