@@ -218,8 +218,9 @@ def count_macs(model: nn.Module, input_shape=None, cost: str = "deploy", *, exam
     """MACs of one forward pass of the whole model on an input of `input_shape` (batch
     included), or on `example_inputs` (a tensor or tuple passed to the model as is).
 
-    SVD layers count at their current rank: cost="deploy" takes the cheaper of the factor
-    pair and the dense layer (what `export` builds), "factored" always the factor pair,
+    SVD layers count at their current rank: cost="deploy" as the plan ships them (what
+    `export` builds): a pinned form (`set_form`) as pinned, a layer whose `.weight` other code
+    reads dense, else the cheaper of the factor pair and the dense layer; "factored" always the factor pair,
     "dense" the original dense layer (so it gives the undecomposed model's MACs).
     """
     if cost not in COSTS:
