@@ -68,7 +68,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
     root = unwrap(model)
     named = list(root.named_modules(remove_duplicate=False))
     # A layer shared under two names is skipped under both when either is named: one module.
-    skip_ids = {id(m) for name, m in named if _skip_predicate(skip, root)(name, m)}
+    asked = _skip_predicate(skip, root)
+    skip_ids = {id(m) for name, m in named if asked(name, m)}
 
     def skipped(name: str, module: nn.Module) -> bool:
         return id(module) in skip_ids
@@ -80,7 +81,8 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         check_calibration(init, mode, whiten, [kind_of(m) for _, m in targets if kind_of(m).why_dense(m) is None])
     for name, m in targets:  # before any change: a refused model stays as it was
         flags = [p.requires_grad for p in m.parameters()]
-        if any(flags) and not all(flags) and not isinstance(getattr(m, "weight", None), nn.Parameter):
+        if any(flags) and not all(flags) and kind_of(m).why_dense(m) is None \
+                and not isinstance(getattr(m, "weight", None), nn.Parameter):
             raise ValueError(f"decompose: {name} has frozen and trainable parameters in a way its SVD form "
                              f"cannot keep; freeze all of it or none, or skip it")
     tied = _tied_weights(root)
