@@ -484,3 +484,29 @@ def test_inductor_compiles_a_second_run_at_other_ranks_in_one_process(tiny):
     for i in range(2):
         metrics = (root / f"inductor{i}" / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["stage"] for line in metrics] == ["prune", "finetune"]
+
+
+USER_MODELS = """
+import torch.nn as nn
+
+def build(num_classes):  # takes no in_channels: only what it takes is passed
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, num_classes))
+
+def not_a_model(num_classes, in_channels):
+    return 3
+"""
+
+
+def test_a_users_own_model_by_module_and_function(tiny, tmp_path):
+    (tmp_path / "my_models.py").write_text(USER_MODELS)
+    out = tmp_path / "run"
+    cli("run", tiny[1], "--out", out, "--quiet", "model=my_models:build", "epochs.orth=0", "epochs.finetune=0",
+        cwd=tmp_path)  # importable from the working directory, as `python -m` makes it
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["ranks"]) == {"0", "4", "6"} and (out / "compact.pt2").is_file()
+    for spec, message in [("no_such_module:build", "cannot import 'no_such_module'"),
+                          ("my_models:missing", "has no function 'missing'"),
+                          ("my_models:not_a_model", "returned int, not an nn.Module")]:
+        res = cli("run", tiny[1], "--out", tmp_path / "x", f"model={spec}", check=False, cwd=tmp_path)
+        assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -5,7 +5,7 @@ import copy
 from pathlib import Path
 
 DEFAULTS: dict = {
-    "model": "resnet20",          # resnet20/32/56/110, small_cnn, or tv:<torchvision name>
+    "model": "resnet20",          # resnet20/32/56/110, small_cnn, vit, tv:<torchvision name>, or module:function
     "dataset": "cifar10",         # cifar10 | cifar100 | digits | folder
     "data_dir": "data",
     "val_size": 0,                # > 0: hold out this many training images (fixed split) and

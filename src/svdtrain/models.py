@@ -1,10 +1,13 @@
 """Models: CIFAR ResNets (He et al. 2016), a small CNN for 8x8 digits, a small ViT for 32x32
-images, and torchvision passthrough.
+images, torchvision passthrough, and a user's own builder ('module:function').
 
 The CNN forwards use only modules, F.relu and `+` (no data-dependent control flow), so
 torch.fx and torch.export can trace them and layer-replacement code sees every conv as an
 nn.Conv2d. The ViT is built from nn.TransformerEncoderLayer, as users' transformers are.
 """
+import importlib
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -138,7 +141,11 @@ _BUILDERS = {"resnet20": resnet20, "resnet32": resnet32, "resnet56": resnet56, "
 
 
 def build_model(name, num_classes, in_channels=3) -> nn.Module:
-    """Build a model by name: one of MODEL_NAMES, or 'tv:<torchvision model name>'."""
+    """Build a model by name: one of MODEL_NAMES, 'tv:<torchvision model name>', or a user's
+    'package.module:function' (importable, e.g. a file in the working directory), called with
+    num_classes and in_channels where it takes them."""
+    if ":" in name and not name.startswith("tv:"):
+        return _user_model(name, num_classes, in_channels)
     if name.startswith("tv:"):
         try:
             import torchvision
@@ -148,5 +155,28 @@ def build_model(name, num_classes, in_channels=3) -> nn.Module:
             raise ValueError(f"torchvision models take 3 input channels, got in_channels={in_channels}")
         return torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes)
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}, or tv:<torchvision name>")
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}, tv:<torchvision name>, "
+                         "or module:function")
     return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels)
+
+
+def _user_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - whatever the user's module raised, one line
+        raise ValueError(f"model {name!r}: cannot import {module_name!r} ({type(err).__name__}: {err})") from None
+    build = getattr(module, attr, None)
+    if not callable(build):
+        raise ValueError(f"model {name!r}: {module_name} has no function {attr!r}")
+    try:
+        params = inspect.signature(build).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
+              if takes_any or k in params}
+    model = build(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
+    return model
