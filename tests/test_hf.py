@@ -40,6 +40,9 @@ def small(name):
     if name == "bert":
         return T.BertForSequenceClassification(T.BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                                                             num_attention_heads=4, vocab_size=97)).eval(), (ids,)
+    if name == "falcon":  # its FalconLinear is an nn.Linear subclass with a Linear's forward
+        return T.FalconForCausalLM(T.FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                                  vocab_size=97, bos_token_id=0, eos_token_id=1)).eval(), (ids,)
     return T.ViTForImageClassification(T.ViTConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                                                    num_attention_heads=4, image_size=32, patch_size=8,
                                                    num_labels=10)).eval(), (torch.randn(2, 3, 32, 32),)
@@ -50,7 +53,7 @@ def logits(model, inputs):
         return model(*inputs).logits
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit", "falcon"])
 def test_every_matmul_counted_dense_and_after_prune_and_export(name):
     model, inputs = small(name)
     dense = torch_macs(model, *inputs)
@@ -259,3 +262,10 @@ def test_mixture_of_experts_matmuls_are_counted_and_the_experts_named(caplog):
     with caplog.at_level("WARNING", logger="svdtrain"):
         svdtrain.decompose(model, example_inputs=(ids,))
     assert "model.layers.0.mlp.experts: MixtralExperts holds stacked weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="svdtrain"):  # no inputs: the share of weights, experts included
+        svdtrain.decompose(T.MixtralForCausalLM(cfg).eval())
+    svd = 2 * (32 * 32 + 2 * 16 * 32 + 32 * 32)  # per layer q, k, v (2 kv heads of 8), o; the routers are not Linear
+    head = 100 * 32
+    experts = 2 * 4 * (2 * 128 * 32 + 32 * 128)
+    assert f"holding {(svd + head) / (svd + head + experts):.1%} of the weights" in caplog.text

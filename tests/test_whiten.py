@@ -279,8 +279,18 @@ def test_padded_positions_are_left_out_of_the_moments():
         def forward(self, input_ids, attention_mask=None):
             return self.proj(self.emb(input_ids))
 
+    class Flat(Tiny):  # as a mixture-of-experts block feeds its shared expert: tokens flattened in order
+        def forward(self, input_ids, attention_mask=None):
+            x = self.emb(input_ids)
+            return self.proj(x.view(-1, x.shape[-1])).view(*x.shape[:2], -1)
+
+    for model_type in (Tiny, Flat):
+        _padding_is_left_out(model_type)
+
+
+def _padding_is_left_out(model_type):
     torch.manual_seed(0)
-    model = Tiny()
+    model = model_type()
     ids = torch.randint(1, 50, (2, 9))
     padded = torch.cat([ids, torch.zeros(2, 30, dtype=torch.long)], 1)
     mask = torch.cat([torch.ones(2, 9), torch.zeros(2, 30)], 1).long()

@@ -162,8 +162,8 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None
     else:
         kept = sum(layer.rows * layer.cols for new in done.values() for layer in new.modules()
                    if isinstance(layer, SVDLayer))
-        dense_left = sum(root.get_submodule(n).weight.numel() for n in left
-                         if isinstance(getattr(root.get_submodule(n), "weight", None), nn.Parameter))
+        # every weight matrix a layer left dense holds (stacked experts hold no `.weight`)
+        dense_left = sum(p.numel() for n in left for p in root.get_submodule(n).parameters() if p.dim() >= 2)
         share = kept / max(1, kept + dense_left)
         what = "of the weights of decomposable kinds"
     line = f"svdtrain: decomposed {len(done)} layers holding {share:.1%} {what}"

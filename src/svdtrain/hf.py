@@ -1,4 +1,5 @@
-"""Hugging Face transformers' layer kinds: GPT-2's Conv1D (weight stored in x out) in SVD form.
+"""Hugging Face transformers' layer kinds: GPT-2's Conv1D (weight stored in x out) and Falcon's
+FalconLinear (an nn.Linear subclass computing x W^T + b) in SVD form.
 Imported by svdtrain only where `transformers` already is: `kinds.kind_of` loads it when a
 model holds a transformers layer."""
 from __future__ import annotations
@@ -18,3 +19,12 @@ def _conv1d_to_svd(layer: Conv1D, mode: str, init: str) -> SVDLinear:
 
 
 register(LayerKind("hf_conv1d", Conv1D, _conv1d_to_svd, svd_type=SVDLinear))
+
+
+try:  # a Linear subclass whose forward is a Linear's: its SVD form is an SVDLinear
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+except ImportError:  # a transformers without Falcon
+    FalconLinear = None
+if FalconLinear is not None:
+    register(LayerKind("hf_falcon_linear", FalconLinear, lambda m, mode, init: SVDLinear.from_linear(m, init=init),
+                       svd_type=SVDLinear))

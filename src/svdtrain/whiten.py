@@ -83,10 +83,14 @@ class Moment:
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """x: the layer's input; mask: (batch, seq) bools of the real (unpadded) positions,
-        applied where x is a Linear input shaped (batch, seq, features)."""
+        applied where x is a Linear input shaped (batch, seq, features), or those rows
+        flattened in order (batch x seq, features), as a mixture-of-experts block's shared expert sees them."""
         x = x.detach()
-        if mask is not None and isinstance(self.layer, SVDLinear) and x.dim() == 3 and x.shape[:2] == mask.shape:
-            x = x[mask.to(x.device)]
+        if mask is not None and isinstance(self.layer, SVDLinear):
+            if x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x[mask.to(x.device)]
+            elif x.dim() == 2 and x.shape[0] == mask.numel():
+                x = x[mask.to(x.device).reshape(-1)]
         rows = input_rows(self.layer, x).double()  # float32 products err by more than the damping
         part = rows.T @ rows if self.whiten == "cholesky" else rows.abs().sum(0)
         self.total = part.double() if self.total is None else self.total + part.double()
