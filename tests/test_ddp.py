@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import svdtrain
 from helpers import TINY_CONFIG, normalized_test_data, program_accuracy
 from svdtrain.data import write_fake_cifar
 
@@ -48,7 +49,17 @@ readings = [timer(None, None) for _ in range(2)]
 torch.manual_seed(0)
 model = nn.Linear(3, 3)
 model.register_buffer("active", torch.ones(3, dtype=torch.bool))
+model.register_buffer("num_batches_tracked", torch.tensor(10 ** 6))  # a large counter, equal everywhere
 same = replica_spread(model)
+with torch.no_grad():
+    model.weight[0, 0] += 1e-3 * rank  # a small difference of the weights, beside that counter
+try:
+    replica_spread(model)
+    small = False
+except RunError:
+    small = True
+with torch.no_grad():
+    model.weight[0, 0] -= 1e-3 * rank
 if rank == 1:
     model.active[0] = False  # one rank keeps another rank: the models differ
 try:
@@ -56,7 +67,7 @@ try:
     caught = False
 except RunError:
     caught = True
-json.dump({"readings": readings, "same": same, "caught": caught}, open(sys.argv[1] + str(rank), "w"))
+json.dump({"readings": readings, "same": same, "small": small, "caught": caught}, open(sys.argv[1] + str(rank), "w"))
 """
 
 
@@ -68,4 +79,29 @@ def test_latency_readings_are_rank_0s_and_diverged_masks_are_caught(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}").read_text())
-        assert got == {"readings": [1.0, 1.0], "same": 0.0, "caught": True}
+        assert got == {"readings": [1.0, 1.0], "same": 0.0, "small": True, "caught": True}
+
+
+
+def test_the_pipelines_latency_choices_time_through_the_rank_0_timer(tmp_path, monkeypatch):
+    """Under DDP the budget controller and the prune stage must take rank 0's readings: both
+    time through distributed.rank0_timer (whose broadcast the test above checks)."""
+    import svdtrain.latency as latency
+    import svdtrain.stages as stages
+    from svdtrain.config import load_config
+    from svdtrain.train import Run
+    write_fake_cifar(tmp_path / "data", n_train=128, n_test=64)
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(TINY_CONFIG.format(data=tmp_path / "data"))
+    readings = []
+
+    def clock(module, inputs):
+        readings.append(1)
+        return float(svdtrain.count_macs(module, example_inputs=inputs))
+
+    monkeypatch.setattr(stages, "rank0_timer", lambda timer=None: clock)
+    monkeypatch.setattr(latency, "wall_time", lambda *a, **k: pytest.fail("timed around the rank-0 timer"))
+    cfg = load_config(cfg_file, ["epochs.orth=0", "epochs.train=1", "epochs.finetune=0",
+                                 "regularizer.target_latency=0.7"])
+    Run(tmp_path / "run", cfg, quiet=True).execute(until="prune")
+    assert readings

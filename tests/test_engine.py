@@ -93,4 +93,5 @@ def test_fit_refuses_to_resume_under_other_epochs_or_settings(setting, tmp_path)
     other = {**cfg, "optim": {**cfg["optim"], "lr": cfg["optim"]["lr"] / 10}}
     with pytest.raises(RunError, match="other optim"):
         fit(fresh_model(), data, other, 2, quiet=True, checkpoint=ckpt)
-    assert len(fit(fresh_model(), data, cfg, 2, quiet=True, checkpoint=ckpt)) == 2  # its own settings: resumes
+    unread = {**cfg, "optim": {**cfg["optim"], "finetune_lr": 0.5}}  # a train stage does not read it
+    assert len(fit(fresh_model(), data, unread, 2, quiet=True, checkpoint=ckpt)) == 2  # resumes

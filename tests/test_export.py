@@ -379,3 +379,18 @@ def test_hooks_that_do_not_carry_over_and_bilinear_layers_are_named(caplog):
     with caplog.at_level("WARNING", logger="svdtrain"):
         svdtrain.decompose(Pair())
     assert "bi: Bilinear is not decomposed" in caplog.text and "experts" not in caplog.text
+
+
+def test_the_weight_share_counts_a_decomposed_layer_inside_a_dense_one_once(caplog):
+    class Experts(nn.Module):  # stacked expert weights (left dense) and a router Linear inside
+        def __init__(self):
+            super().__init__()
+            self.router = nn.Linear(16, 4)
+            self.w = nn.Parameter(torch.randn(4, 16, 16))
+
+        def forward(self, x):
+            return torch.einsum("bd,edh->bh", x, self.w) + self.router(x).sum(-1, keepdim=True)
+
+    with caplog.at_level("INFO", logger="svdtrain"):
+        svdtrain.decompose(nn.Sequential(Experts()))
+    assert f"holding {16 * 4 / (16 * 4 + 4 * 16 * 16):.1%} of the weights" in caplog.text

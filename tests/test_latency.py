@@ -194,3 +194,16 @@ def test_a_run_resumed_after_the_ramp_ends_equals_the_uninterrupted_one(target):
             [m.plan.form for _, m in svdtrain.svd_layers(whole)]
         for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
             assert a == b if not torch.is_tensor(a) else torch.allclose(a, b, atol=1e-5), (stop, name)
+
+
+def test_the_tables_energy_measure_rounds_ranks_as_prune_does():
+    from svdtrain.latency import LatencyTable
+    torch.manual_seed(0)
+    model = svdtrain.decompose(TinyResNet(), init="random")
+    for _, layer in svdtrain.svd_layers(model):  # energy ranks 3, 5 and 10: between multiples of 4
+        layer.s.data = torch.logspace(0, -1, layer.s.numel())
+    table = LatencyTable(model, (1, 3, 16, 16), round_to=4, timer=macs_timer)
+    pruned = copy.deepcopy(model)
+    svdtrain.prune(pruned, keep_energy=0.95, round_to=4)
+    rounded = {id(layer): dict(svdtrain.svd_layers(pruned))[name].rank for name, layer in svdtrain.svd_layers(model)}
+    assert table.at_energy(0.95) == pytest.approx(table.fraction(rounded))

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,11 @@ def test_summary_macs_are_those_of_the_shipped_program(finished):
     assert summary["macs"] == program_macs(finished / "compact.pt2", (1, 3, 32, 32))
 
 
+def test_values_of_stages_that_do_not_train_are_not_checked():
+    from svdtrain.config import load_config
+    load_config(None, ["epochs.finetune=0", "optim.finetune_lr=0", "optim.warmup_fraction=1.0"])
+
+
 @pytest.mark.parametrize("args,message", [
     (["optim.lrr=0.1"], "unknown config key 'optim.lrr'; valid keys:"),
     (["optim.lr=fast"], "config key 'optim.lr' must be float"),
@@ -144,7 +150,7 @@ def test_summary_macs_are_those_of_the_shipped_program(finished):
     (["regularizer.target_latency=0.5", "regularizer.target_macs=0.5"], "target_latency is a budget of its own"),
     (["optim.schedule_span=[0.5,0.2]"], "optim.schedule_span must be [start, end]"),
     (["lr"], "not of the form key=value"),
-    (["optim.warmup_fraction=3"], "optim.warmup_fraction in [0, 1)"),
+    (["optim.warmup_fraction=3"], "optim.warmup_fraction in [0, 1]"),
     (["regularizer.orth=-1"], "regularizer.orth and optim.weight_decay must be >= 0"),
     (["optim.step_milestones=[a]"], "optim.step_milestones must be fractions"),
 ])
@@ -495,18 +501,26 @@ def build(num_classes):  # takes no in_channels: only what it takes is passed
 
 def not_a_model(num_classes, in_channels):
     return 3
+
+def broken(num_classes):
+    return {}["width"]
 """
 
 
 def test_a_users_own_model_by_module_and_function(tiny, tmp_path):
     (tmp_path / "my_models.py").write_text(USER_MODELS)
     out = tmp_path / "run"
-    cli("run", tiny[1], "--out", out, "--quiet", "model=my_models:build", "epochs.orth=0", "epochs.finetune=0",
-        cwd=tmp_path)  # importable from the working directory, as `python -m` makes it
+    command = Path(sys.executable).with_name("svdtrain")  # the installed command: cwd not on its path
+    if not command.exists():
+        pytest.skip("no installed svdtrain command beside this Python")
+    res = subprocess.run([str(command), "run", str(tiny[1]), "--out", str(out), "--quiet", "model=my_models:build",
+                          "epochs.orth=0", "epochs.finetune=0"], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["ranks"]) == {"0", "4", "6"} and (out / "compact.pt2").is_file()
     for spec, message in [("no_such_module:build", "cannot import 'no_such_module'"),
                           ("my_models:missing", "has no function 'missing'"),
-                          ("my_models:not_a_model", "returned int, not an nn.Module")]:
+                          ("my_models:not_a_model", "returned int, not an nn.Module"),
+                          ("my_models:broken", "raised KeyError: 'width'")]:
         res = cli("run", tiny[1], "--out", tmp_path / "x", f"model={spec}", check=False, cwd=tmp_path)
         assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1

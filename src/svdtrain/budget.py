@@ -51,7 +51,7 @@ from .importance import SingularValueImportance
 from .layers import SVDLayer, svd_layers
 from .losses import Regularizer
 from .macs import LayerCost, profile
-from .prune import clear_pruned_state, energy_rank, prune, rank_floor
+from .prune import clear_pruned_state, energy_rank, prune, rank_floor, round_rank
 
 
 def macs_at_energy(records: list[LayerCost], keep_energy: float, round_to: int = 1) -> tuple[int, list[int]]:
@@ -63,7 +63,7 @@ def macs_at_energy(records: list[LayerCost], keep_energy: float, round_to: int =
     ranks = []
     for layer in layers.values():
         k = energy_rank(layer.s.detach()[layer.active], keep_energy)
-        k = min(layer.rank, -(-k // round_to) * round_to)
+        k = round_rank(k, round_to, layer.rank)
         total += layer.plan.macs(k)
         ranks.append(k)
     return total, ranks

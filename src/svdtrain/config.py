@@ -237,8 +237,10 @@ def validate(cfg: dict) -> None:
     if d["calibration"] < 0:
         raise ConfigError(f"decompose.calibration must be >= 0 (0 = off), got {d['calibration']}")
     o = cfg["optim"]
-    if not (o["lr"] > 0 and o["finetune_lr"] > 0 and 0.0 <= o["warmup_fraction"] < 1.0):
-        raise ConfigError("optim.lr and optim.finetune_lr must be > 0, optim.warmup_fraction in [0, 1)")
+    if (e["orth"] + e["train"] and o["lr"] <= 0) or (e["finetune"] and o["finetune_lr"] <= 0) \
+            or not 0.0 <= o["warmup_fraction"] <= 1.0:
+        raise ConfigError("optim.lr and optim.finetune_lr must be > 0 (for stages that train), "
+                          "optim.warmup_fraction in [0, 1]")
     if r["orth"] < 0 or o["weight_decay"] < 0:
         raise ConfigError("regularizer.orth and optim.weight_decay must be >= 0")
     miles = o["step_milestones"]

@@ -162,17 +162,22 @@ def _log_coverage(root: nn.Module, done: dict, left: dict, skipped, records=None
     else:
         kept = sum(layer.rows * layer.cols for new in done.values() for layer in new.modules()
                    if isinstance(layer, SVDLayer))
-        # every weight matrix a layer left dense holds (stacked experts hold no `.weight`)
-        dense_left = sum(p.numel() for n in left for p in root.get_submodule(n).parameters() if p.dim() >= 2)
+        # every weight matrix a layer left dense holds (stacked experts hold no `.weight`), once,
+        # and not those of SVD layers inside it
+        in_svd = {id(p) for m in root.modules() if isinstance(m, SVDLayer) for p in m.parameters()}
+        held = {id(p): p for n in left for p in root.get_submodule(n).parameters()
+                if p.dim() >= 2 and id(p) not in in_svd}
+        dense_left = sum(p.numel() for p in held.values())
         share = kept / max(1, kept + dense_left)
         what = "of the weights of decomposable kinds"
     line = f"svdtrain: decomposed {len(done)} layers holding {share:.1%} {what}"
     idle = [n for n, m in root.named_modules() if isinstance(m, SVDLayer) and not m.plan.calls] \
         if records is not None else []
     if idle:  # e.g. a forward that reaches its layers through a plain list keeps the old ones
-        log.warning("svdtrain: %d SVD layers were not called in the profiled pass (a branch not taken, or "
-                    "a forward that calls the original layers through a list or another object, so "
-                    "training would not reach them): %s", len(idle), ", ".join(idle[:8]))
+        log.warning("svdtrain: %d SVD layers were not called in the profiled pass (a branch that pass did "
+                    "not take, e.g. a training-only head or an expert no token reached; or a forward that "
+                    "calls the original layers through a list or another object, which training would "
+                    "not reach either): %s", len(idle), ", ".join(idle[:8]))
     reads = [n for n, m in root.named_modules() if isinstance(m, SVDLayer) and m.plan.reads_weight]
     if reads:  # the profile saw other code read their .weight: they keep a dense form to ship
         log.warning("svdtrain: %d SVD layers ship dense at any rank: code outside them reads their .weight "

@@ -39,11 +39,15 @@ def spread(value, device) -> float:
 def replica_spread(model: nn.Module) -> float:
     """Max minus min over ranks of a checksum of all parameters and buffers: 0.0 when every
     replica holds the same model (DDP must keep them identical, regularizer included)."""
-    total = sum(t.detach().double().sum() for t in unwrap(model).state_dict().values()
-                if torch.is_tensor(t))  # the active masks (bool) too: every rank at the same ranks
-    gap = spread(total, total.device)
-    if gap > 1e-6 * max(1.0, abs(float(total))):
-        raise RunError(f"DDP replicas diverged (parameter checksum spread {gap:.3g})")
+    tensors = [t.detach() for t in unwrap(model).state_dict().values() if torch.is_tensor(t)]
+    total = sum(t.double().sum() for t in tensors if t.is_floating_point())
+    # the active masks (bool) and counters exactly: every rank at the same ranks
+    counts = sum(t.double().sum() for t in tensors if not t.is_floating_point())
+    gap, count_gap = spread(total, total.device), spread(counts, total.device)  # both on every rank
+    scale = torch.as_tensor(abs(float(total)), dtype=torch.float64, device=total.device).reshape(1)
+    dist.all_reduce(scale, op=dist.ReduceOp.MAX)  # one tolerance, so every rank decides alike
+    if gap > 1e-6 * max(1.0, float(scale)) or count_gap != 0:
+        raise RunError(f"DDP replicas diverged (parameter checksum spread {gap:.3g}, or their masks differ)")
     return gap
 
 

@@ -190,6 +190,7 @@ def read_training_state(path: Path) -> dict:
 
 
 FIT_KEYS = ("optim", "batch_size", "label_smoothing", "augment")  # what a fit checkpoint is tied to
+FINETUNE_UNREAD = ("lr", "schedule", "schedule_span", "warmup_fraction", "step_milestones", "step_gamma")
 
 
 def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpoint=None, quiet=False,
@@ -211,7 +212,10 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
     opt, sched = make_optimizer(model, cfg, stage, epochs * len(loader))
     ckpt = Path(checkpoint) if checkpoint else None
     state = read_training_state(ckpt) if ckpt is not None and ckpt.exists() else new_training_state()
+    # what this stage reads of optim (make_optimizer): fine-tuning its own lr and cosine, other stages the rest
+    unread = FINETUNE_UNREAD if stage == "finetune" else ("finetune_lr",)
     settings = {"stage": stage, "epochs": epochs, **{k: cfg[k] for k in FIT_KEYS}}
+    settings["optim"] = {k: v for k, v in cfg["optim"].items() if k not in unread}
     saved = state.get("fit", {})  # none in checkpoints from before it was recorded
     changed = [k for k in settings if k in saved and saved[k] != settings[k]]
     if changed:  # its schedule and optimizer state belong to those settings

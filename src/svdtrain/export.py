@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kinds import exported_by
+from .latency import own_rng
 from .layers import SVDLayer, unwrap
 from .macs import profile
 
@@ -54,7 +55,7 @@ def export(model: nn.Module, input_shape=None, trace: bool = True, choose: str =
     p = next(unwrap(model).parameters(), None)
     # new layers' init and the timings' inputs draw from a stream of export's own: a user's
     # training loop that exports goes on as it would have
-    with torch.random.fork_rng(devices=[p.device.index or 0] if p is not None and p.is_cuda else []):
+    with own_rng(p) if p is not None else torch.random.fork_rng(devices=[]):
         return _export(model, input_shape, trace, choose, round_to, reps, channels_last, example_inputs)
 
 

@@ -151,10 +151,11 @@ class LatencyTable:
         return self.fraction({key: layer.rank for key, layer in self.layers.items()})
 
     def at_energy(self, keep_energy: float) -> float:
-        """The fraction if every layer were pruned now at keep_energy (what the budget controller steers)."""
-        from .prune import energy_rank
-        return self.fraction({key: energy_rank(layer.s.detach()[layer.active], keep_energy)
-                              for key, layer in self.layers.items()})
+        """The fraction if every layer were pruned now at keep_energy, ranks rounded up to
+        multiples of round_to as prune does (what the budget controller steers)."""
+        from .prune import energy_rank, round_rank
+        return self.fraction({key: round_rank(energy_rank(layer.s.detach()[layer.active], keep_energy),
+                                              self.round_to, layer.rank) for key, layer in self.layers.items()})
 
     def measure(self, model: nn.Module, rank: dict[int, int]) -> float:
         """The measured time of `model` shipped at these ranks (each layer in its faster form; a

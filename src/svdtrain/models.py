@@ -7,6 +7,8 @@ nn.Conv2d. The ViT is built from nn.TransformerEncoderLayer, as users' transform
 """
 import importlib
 import inspect
+import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -162,6 +164,8 @@ def build_model(name, num_classes, in_channels=3) -> nn.Module:
 
 def _user_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     module_name, _, attr = name.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the installed command's path lacks it
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 - whatever the user's module raised, one line
@@ -176,7 +180,10 @@ def _user_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
               if takes_any or k in params}
-    model = build(**kwargs)
+    try:
+        model = build(**kwargs)
+    except Exception as err:  # noqa: BLE001 - the user's builder: one line, not a traceback
+        raise ValueError(f"model {name!r} raised {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
     return model

@@ -10,6 +10,11 @@ from .importance import EnergyShare
 from .macs import LayerCost, profile
 
 
+def round_rank(k: int, round_to: int, limit: int) -> int:
+    """k rounded up to a multiple of round_to, at most `limit` (the layer's rank)."""
+    return min(limit, -(-k // round_to) * round_to)
+
+
 def energy_rank(s: torch.Tensor, keep_energy: float) -> int:
     """Smallest k such that the k largest s_i^2 hold >= keep_energy of sum s_i^2 (k >= 1, or 0
     for no values)."""
@@ -91,7 +96,7 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
         for _, layer in layers:
             active_s = layer.s.detach()[layer.active]
             k = energy_rank(active_s, float(keep_energy))
-            _keep_top(layer, min(layer.rank, -(-k // round_to) * round_to))
+            _keep_top(layer, round_rank(k, round_to, layer.rank))
     elif latency_budget is not None:
         from .latency import prune_to_latency, wall_time
         prune_to_latency(model, float(latency_budget), input_shape, example_inputs, scores, round_to, timer or wall_time)

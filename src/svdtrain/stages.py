@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -267,7 +265,9 @@ def export_stage(ctx: RunContext) -> None:
     export_program(compact, example, tmp, dynamic_batch=True)
     os.replace(tmp, ctx.out / "compact.pt2")
     if ex["onnx"]:  # written under its final name in a temporary folder: an external data file keeps its name
-        tmp = Path(tempfile.mkdtemp(prefix="onnx.", suffix=".tmp", dir=ctx.out))
+        tmp = ctx.out / "onnx.tmp"  # the run's own folder: a killed export's leftovers go first
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         try:
             export_onnx(compact, example, tmp / "compact.onnx")
             for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # the .onnx last
