@@ -214,3 +214,38 @@ def test_image_folder_scales_16_bit_grey_to_8_bits(tmp_path):
         Image.fromarray(values).save(tmp_path / split / "a" / "x.png")
     ds = load_image_folder(tmp_path, image_size=4)
     assert ds.x_train[0, :, 0, :3].tolist() == [[0, 128, 255]] * 3
+
+
+def test_image_folder_ignores_hidden_entries_and_reads_subfolders(tmp_path):
+    from PIL import Image
+    _write_images(tmp_path / "train", ["cat", "ant"], [(8, 8), (8, 8)])
+    _write_images(tmp_path / "val", ["cat", "ant"], [(8, 8)])
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # a notebook's folder: no class
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / ".ipynb_checkpoints" / "x.png")
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata")
+    (tmp_path / "train" / "cat" / "more").mkdir()  # a subfolder of a class: its images count
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "train" / "cat" / "more" / "9.png")
+    for f in (tmp_path / "val" / "ant").iterdir():  # an eval class folder without images: allowed
+        f.unlink()
+    ds = load_image_folder(tmp_path, image_size=8)
+    assert ds.num_classes == 2 and ds.y_train.tolist() == [0, 0, 1, 1, 1] and ds.y_test.tolist() == [1]
+
+
+def test_a_channel_that_never_varies_is_left_unscaled(tmp_path):
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (4, 4), (50 + 100 * (c == "b"), 0, 0)).save(tmp_path / split / c / "x.png")
+    ds = load_image_folder(tmp_path, image_size=4)
+    assert ds.std[1] == ds.std[2] == 1.0 and ds.std[0] > 0
+
+
+def test_16_bit_pgm_scales_by_its_format_not_its_values(tmp_path):
+    """The same raw value 200 loads alike whatever else the image holds (200 / 257 -> 1)."""
+    raw = np.array([[200, 200], [200, 60000]], dtype=">u2")
+    for split, img in (("train", raw), ("val", np.full((2, 2), 200, dtype=">u2"))):
+        (tmp_path / split / "a").mkdir(parents=True)
+        (tmp_path / split / "a" / "x.pgm").write_bytes(b"P5\n2 2\n65535\n" + img.tobytes())
+    ds = load_image_folder(tmp_path, image_size=2)
+    assert ds.x_train[0, 0, 0, 0] == ds.x_test[0, 0, 0, 0] == round(200 / 257)

@@ -93,6 +93,8 @@ class Dataset:
         n = self.x_train.numel() / self.in_channels
         mean = s / n
         std = (s2 / n - mean.square()).clamp_min(0).sqrt()
+        # a channel that never varies (red-only images) would divide by 0: leave it unscaled
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
         return mean.float(), std.float()
 
     @property
@@ -252,13 +254,26 @@ def load_digits_dataset(test_fraction=0.25, seed=0) -> Dataset:
 
 # ----------------------------------------------------------------------------- image folder
 
+def _hidden(name: str) -> bool:
+    """Names no dataset means: .ipynb_checkpoints, macOS's ._x.png and __MACOSX."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _images_under(cdir):
+    """A class folder's images, its subfolders' too (as torchvision's ImageFolder reads them)."""
+    return sorted(p for p in cdir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and not any(_hidden(part) for part in p.relative_to(cdir).parts))
+
+
 def _list_split(split_dir, classes=None):
+    train = classes is None  # the eval split takes train's classes
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not _hidden(p.name))
     if classes is None:
-        classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        classes = found
         if not classes:
             raise FileNotFoundError(f"no class folders in {split_dir}")
     else:
-        extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
+        extra = [c for c in found if c not in classes]
         if extra:
             raise ValueError(f"{split_dir} has classes not in train: {extra[:5]}")
     files, labels = [], []
@@ -266,24 +281,30 @@ def _list_split(split_dir, classes=None):
         cdir = split_dir / c
         if not cdir.is_dir():
             continue  # a class may simply have no images in the eval split
-        imgs = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not imgs:
+        imgs = _images_under(cdir)
+        if not imgs and train:  # an eval split may hold a class without images
             raise FileNotFoundError(f"class folder {cdir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         files += imgs
         labels += [i] * len(imgs)
+    if not files:
+        raise FileNotFoundError(f"no images in {split_dir} ({', '.join(IMAGE_EXTENSIONS)})")
     return classes, files, labels
 
 
 def _to_rgb(im):
-    """8-bit RGB; 16-bit and 32-bit grey (Pillow modes I;16*, I, F) scaled down to 8 bits first:
-    Pillow's own convert clamps them at 255 (a 16-bit image would load almost white)."""
-    from PIL import Image
+    """8-bit RGB, upright by its EXIF orientation; 16-bit grey (Pillow modes I;16*, and I, as
+    16-bit PNG and PGM files open, Pillow scaling any PGM maxval to 16 bits) scaled down to 8 bits
+    first, by the format's range, not the image's values: Pillow's own convert clamps them at 255
+    (a 16-bit image would load almost white). Float images (F): 0..1 or 0..255 or 16-bit, by
+    their values (the format says nothing)."""
+    from PIL import Image, ImageOps
+    im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
-        if im.mode.startswith("I;16"):
+        if im.mode.startswith("I"):
             top = 65535.0
-        else:  # "I" (how 16-bit PNGs may open) and "F": the range their values show
-            top = 1.0 if im.mode == "F" and a.max() <= 1.0 else (255.0 if a.max() <= 255 else 65535.0)
+        else:
+            top = 1.0 if a.max() <= 1.0 else (255.0 if a.max() <= 255 else 65535.0)
         im = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8))
     return im.convert("RGB")
 
