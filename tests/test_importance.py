@@ -67,6 +67,24 @@ def test_bad_scores_are_clear_errors():
         svdtrain.prune(model, macs_budget=0.5, input_shape=(1, 4), scores={"0": torch.ones(4)})
     with pytest.raises(ValueError, match="finite values"):
         svdtrain.prune(model, macs_budget=0.5, input_shape=(1, 4), scores={"0": -torch.ones(4), "1": torch.ones(4)})
+    with pytest.raises(ValueError, match="finite values"):  # a callable's scores are checked too
+        svdtrain.prune(model, macs_budget=0.5, input_shape=(1, 4), scores=lambda name, layer: -2 * torch.ones(4))
+
+
+def test_importance_and_recalibration_draw_no_batch_past_the_last():
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)))
+    drawn = []
+
+    def batches():
+        for i in range(10):
+            drawn.append(i)
+            yield torch.randn(8, 4), torch.randint(0, 2, (8,))
+
+    svdtrain.loss_importance(model, batches(), F.cross_entropy, max_batches=2)
+    assert drawn == [0, 1]
+    drawn.clear()
+    svdtrain.recalibrate_batchnorm(model, batches(), max_batches=3)
+    assert drawn == [0, 1, 2]
 
 
 def test_gradual_masks_follow_loss_scores_and_resume_identically():

@@ -6,6 +6,7 @@ describe the activations of the cut one, so they are re-estimated on a few batch
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterable
 
 import torch
@@ -46,9 +47,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int 
             m.momentum = None  # a cumulative average over the batches
             m.train()
         with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and used >= max_batches:
-                    break
+            for batch in itertools.islice(batches, max_batches):  # no batch drawn past the last
                 run_batch(model, batch)
                 used += 1
     finally:

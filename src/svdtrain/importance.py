@@ -24,6 +24,8 @@ Unlike each layer's energy share, it compares values across layers on one scale.
 """
 from __future__ import annotations
 
+import itertools
+
 from typing import Callable, Iterable
 
 import torch
@@ -97,11 +99,10 @@ def loss_importance(model: nn.Module, batches: Iterable, loss_fn: Callable, max_
     was_training = model.training
     model.train()
     try:
-        for i, (x, y) in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
+        param = next(model.parameters())
+        for x, y in itertools.islice(batches, max_batches):  # no batch drawn past the last
             model.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            loss_fn(model(x.to(param.device)), y.to(param.device)).backward()
             imp.accumulate()
     finally:
         model.load_state_dict(buffers, strict=False)

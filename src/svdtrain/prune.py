@@ -133,19 +133,24 @@ def _importance(model: nn.Module, scores):
     shares by default, an importance object as it is, a dict checked against the model."""
     if scores is None:
         return EnergyShare()
-    if callable(scores) and not isinstance(scores, dict):
+    if isinstance(scores, EnergyShare):
         return scores
+    if callable(scores) and not isinstance(scores, dict):  # checked as each layer is scored
+        return lambda name, layer: _checked(name, layer, scores(name, layer))
     layers = dict(svd_layers(model))
     if set(scores) != set(layers):
         missing, extra = sorted(set(layers) - set(scores)), sorted(set(scores) - set(layers))
         raise ValueError(f"scores must name every SVD layer: missing {missing[:3]}, unknown {extra[:3]}")
-    checked = {}
-    for name, layer in layers.items():
-        score = torch.as_tensor(scores[name]).detach().double().cpu()
-        if score.shape != layer.s.shape or bool((score < 0).any()) or not bool(torch.isfinite(score).all()):
-            raise ValueError(f"scores['{name}'] must hold {layer.s.numel()} finite values >= 0")
-        checked[name] = score
+    checked = {name: _checked(name, layer, scores[name]) for name, layer in layers.items()}
     return lambda name, layer: checked[name]
+
+
+def _checked(name: str, layer: SVDLayer, score) -> torch.Tensor:
+    """A layer's scores: one finite value >= 0 per singular value (pruned ones are marked below 0)."""
+    score = torch.as_tensor(score).detach().double().cpu()
+    if score.shape != layer.s.shape or bool((score < 0).any()) or not bool(torch.isfinite(score).all()):
+        raise ValueError(f"scores['{name}'] must hold {layer.s.numel()} finite values >= 0")
+    return score
 
 
 def rank_floor(records: list[LayerCost], round_to: int = 1) -> tuple[int, int]:
