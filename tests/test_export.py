@@ -394,3 +394,14 @@ def test_the_weight_share_counts_a_decomposed_layer_inside_a_dense_one_once(capl
     with caplog.at_level("INFO", logger="svdtrain"):
         svdtrain.decompose(nn.Sequential(Experts()))
     assert f"holding {16 * 4 / (16 * 4 + 4 * 16 * 16):.1%} of the weights" in caplog.text
+
+
+def test_a_half_precision_layer_whose_singular_values_overflow_stays_dense(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4)).half()
+    with torch.no_grad():
+        model[0].weight.normal_(0, 1e4)  # entries fit float16; its largest singular value does not
+    with caplog.at_level("WARNING", logger="svdtrain"):
+        svdtrain.decompose(model)
+    assert type(model[0]) is nn.Linear and isinstance(model[1], svdtrain.SVDLinear)
+    assert "0: its factors are not finite in torch.float16" in caplog.text

@@ -140,3 +140,16 @@ def test_edge_cases_stay_finite_and_partial_loads_keep_the_metric():
     assert model[0].metric is not None
     model.load_state_dict({"2.bias": torch.zeros(4)}, strict=False)
     assert model[0].metric is not None
+
+
+def test_the_orthogonality_term_is_computed_in_float32_under_half_precision():
+    """Near orthonormal factors the deviation is below bfloat16's resolution, and a large layer's
+    sum passes float16's range: the term follows float32 under autocast and in .half() models."""
+    torch.manual_seed(0)
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(64, 256)))
+    exact = float(svdtrain.orthogonality_loss(model))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert float(svdtrain.orthogonality_loss(model)) == pytest.approx(exact, abs=1e-9)
+    big = svdtrain.decompose(nn.Sequential(nn.Conv2d(512, 512, 3)), init="random_scaled")
+    full = float(svdtrain.orthogonality_loss(big))
+    assert float(svdtrain.orthogonality_loss(big.half())) == pytest.approx(full, rel=1e-2)

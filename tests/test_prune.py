@@ -271,3 +271,12 @@ def test_energy_rank_at_exact_ties_of_equal_values():
     cumulative sum must not add one)."""
     from svdtrain.prune import energy_rank
     assert all(energy_rank(torch.ones(n), j / n) == j for n in range(2, 60) for j in range(1, n))
+
+
+def test_scores_choose_values_in_float64_in_a_half_precision_model():
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))).bfloat16()
+    scores = {n: 1 + 1e-3 * torch.arange(16, dtype=torch.float64) for n, _ in svdtrain.svd_layers(model)}
+    svdtrain.prune(model, macs_budget=0.2, input_shape=(1, 16), scores=scores)
+    for _, layer in svdtrain.svd_layers(model):  # the highest-scored values, the last indices
+        kept = layer.active.nonzero().flatten().tolist()
+        assert kept == list(range(16 - len(kept), 16))

@@ -102,9 +102,13 @@ def decompose(model: nn.Module, mode: str = "channel", init: str = "svd", skip: 
         if why is not None:
             left[name] = why
             continue
+        new = kind_of(module).build(module, mode, init)
+        if not all(bool(torch.isfinite(p).all()) for p in new.parameters()):
+            left[name] = (f"its factors are not finite in {next(module.parameters()).dtype} (a singular value "
+                          "above the dtype's range?)")
+            continue
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
             hooked.append(name)
-        new = kind_of(module).build(module, mode, init)
         new.train(module.training)
         _carry_frozen(module, new)
         done[id(module)] = new

@@ -15,6 +15,11 @@ def _gram_deviation(f: torch.Tensor, probes: int = 0) -> torch.Tensor:
     with fewer rows. probes = k > 0 (and below G's size): the unbiased estimate ||(G - I) Z||_F^2 / k
     with Z a fresh Gaussian (size x k), which never forms G: 2·rows·size·k multiply-adds instead
     of rows·size^2, and an unbiased gradient of the same penalty."""
+    if f.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(f.device.type):
+        # near I the deviation is below half precision's resolution (and its sum can pass
+        # float16's range): the Grams in float32, whatever autocast is on
+        with torch.autocast(f.device.type, enabled=False):
+            return _gram_deviation(f.float(), probes)
     tall = f.shape[0] >= f.shape[1]
     size = f.shape[1] if tall else f.shape[0]
     if 0 < probes < size:

@@ -36,8 +36,9 @@ def energy_rank(s: torch.Tensor, keep_energy: float) -> int:
 
 def _keep_top(layer: SVDLayer, k: int, score: torch.Tensor | None = None) -> None:
     """Keep the k active values of largest magnitude, or of largest `score` (ties: lower index first)."""
-    key = layer.s.detach().abs() if score is None else score.to(layer.s.device, layer.s.dtype)
-    mag = torch.where(layer.active, key, torch.full_like(layer.s, -1.0))
+    # in float64: scores in a half-precision layer's dtype would round to ties or underflow to 0
+    key = layer.s.detach().double().abs() if score is None else score.to(layer.s.device, torch.float64)
+    mag = torch.where(layer.active, key, torch.full_like(key, -1.0))
     order = torch.sort(mag, descending=True, stable=True).indices
     mask = torch.zeros_like(layer.active)
     mask[order[:k]] = True
