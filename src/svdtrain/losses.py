@@ -91,8 +91,8 @@ class Regularizer:
     orth_probes = k > 0 replaces each r x r Gram of the orthogonality term by an unbiased
     estimate from k random probes (cost 2k/r of the exact term; for transformer-sized layers,
     where the exact term costs about half a step). Its variance grows with the distance from
-    orthonormal: from a random start, 2 probes at lr 0.05 diverged where 4 and the exact term did not; the
-    language-model benchmark uses 8.
+    orthonormal: from a random start, 2 probes at lr 0.05 diverged where 4 and the exact term
+    did not; the language-model benchmark uses 8.
 
     Without probes the value depends only on the parameters, so under DDP every rank computes
     the same term from its (synchronised) replica; with probes each rank draws its own, and
