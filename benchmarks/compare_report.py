@@ -36,6 +36,11 @@ def start_of(point: dict) -> str:
     return "SVD" if point["method"] in ("svd_training", "posthoc_svd") else "-"
 
 
+def _own(point: dict) -> dict:
+    """A point's settings without what varies by seed or machine."""
+    return {k: v for k, v in point.get("settings", {}).items() if k not in ("seed", "threads", "device", "compile")}
+
+
 def summary_table(points: list[dict], dense: dict, regime: str, levels, methods) -> list[str]:
     """One row per level, method and start: test and validation mean ± std over seeds, n, MACs,
     and the accuracy right after the cut to the level (before fine-tuning; "(r)" where BatchNorm
@@ -49,6 +54,10 @@ def summary_table(points: list[dict], dense: dict, regime: str, levels, methods)
             mine = [p for p in points if p["level"] == level and p["method"] == method]
             for start in sorted({start_of(p) for p in mine}):
                 ps = [p for p in mine if start_of(p) == start]
+                mixed = {json.dumps(_own(p), sort_keys=True) for p in ps}
+                if len(mixed) > 1:  # seeds of one row must share every setting but the seed
+                    raise SystemExit(f"{method} at {level} ({start}) pools points of different settings: "
+                                     f"{sorted(mixed)[:2]}; rerun them or move the odd ones away")
                 before = statistics.mean(100 * p["accuracy_before_finetune"] for p in ps)
                 mark = " (r)" if all(p["settings"].get("recalibrate") for p in ps) else ""
                 lines.append(f"| {level} | {method} | {start} | {len(ps)} | {mean_std([100 * p['accuracy'] for p in ps])} "
@@ -173,8 +182,10 @@ def write_results(args) -> None:
                                           "accuracy_trained", "accuracy_before_finetune", "macs_at_threshold_trained",
                                           "params", "settings", "date",
                                           "budget_warning", "seconds")} | {"start": start_of(p)} for p in points],
-        "machine": (torch.cuda.get_device_name() if args.device == "cuda" else
-                    f"{platform.machine()}, {args.threads} CPU threads") + f", torch {torch.__version__}",
+        "machine": (json.loads(previous.read_text()).get("machine") if getattr(args, "report_only", False)
+                    and previous.is_file() else None)  # a rebuilt report keeps the machine its points ran on
+        or (torch.cuda.get_device_name() if args.device == "cuda" else
+            f"{platform.machine()}, {args.threads} CPU threads") + f", torch {torch.__version__}",
         "date": measured_on(points, previous),
         "commands": commands.read_text().splitlines() if (commands := record_dir(args) / "commands.txt").exists() else [],
     }

@@ -270,3 +270,17 @@ def test_scratch_svd_training_after_a_dense_warmup_keeps_one_schedule(tmp_path, 
     for bad in (["--svd-warmup", "2"], ["--svd-warmup", "1", "--regime", "pretrained"]):
         res = subprocess.run(args + bad, capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and "--svd-warmup" in res.stderr and "Traceback" not in res.stderr, bad
+
+
+def test_a_row_never_pools_seeds_run_with_different_settings():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import compare_report
+    point = {"method": "filter_pruning", "level": "33%", "accuracy": 0.8, "val_accuracy": 0.8, "macs": 10,
+             "accuracy_before_finetune": 0.2}
+    dense = {"epochs": 1, "n": 1, "accuracy": 0.9, "macs": 30}
+    same = [{**point, "seed": s, "settings": {"group_reg": 5e-4}} for s in (0, 1)]
+    assert any("| 33% | filter_pruning |" in line for line in
+               compare_report.summary_table(same, dense, "scratch", ["33%"], ["filter_pruning"]))
+    mixed = [same[0], {**same[1], "settings": {"group_reg": 1e-4}}]
+    with pytest.raises(SystemExit, match="pools points of different settings"):
+        compare_report.summary_table(mixed, dense, "scratch", ["33%"], ["filter_pruning"])
