@@ -90,7 +90,10 @@ def point(method: str, args) -> dict | None:
     summary = Path(args.work) / method / "summary.json"
     if not summary.is_file():
         return None
-    s, cfg = json.loads(summary.read_text()), config(method, args)
+    s = json.loads(summary.read_text())
+    ckpt = Path(args.work) / method / "checkpoint.pt"  # the run's own config, not this command line's
+    cfg = torch.load(ckpt, map_location="cpu", weights_only=True)["config"] if ckpt.is_file() \
+        else config(method, args)
     epochs = {"orth": 0, "train": cfg["epochs"]["orth"] + cfg["epochs"]["train"], "finetune": 0} \
         if method == "dense" else dict(cfg["epochs"])
     if method == "posthoc_svd":  # the dense model's epochs are its training
