@@ -164,3 +164,11 @@ def test_the_random_init_has_the_reference_codes_spread():
     assert abs(float(layer.V.std()) / math.sqrt(2 / cols) - 1) < 0.05
     assert abs(float(layer.U.std()) / math.sqrt(2 / layer.full_rank) - 1) < 0.05
     assert abs(float(layer.weight.std()) / math.sqrt(4 / cols) - 1) < 0.1
+
+
+def test_factors_saved_in_the_other_conv_mode_are_refused_with_the_mode_named():
+    torch.manual_seed(0)
+    spatial = svdtrain.decompose(TinyResNet(), mode="spatial")
+    channel = svdtrain.decompose(TinyResNet(), mode="channel")
+    with pytest.raises(RuntimeError, match="channel-mode layer.*other mode"):
+        channel.load_state_dict(spatial.state_dict())

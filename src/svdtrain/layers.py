@@ -105,6 +105,11 @@ class SVDLayer(nn.Module):
             self.register_buffer("metric", torch.empty_like(state_dict[key], dtype=self.V.dtype, device=self.V.device))
         elif key not in state_dict and prefix + "U" in state_dict:  # a load of this layer without one
             self._buffers.pop("metric", None)
+        saved = state_dict.get(prefix + "U")
+        if torch.is_tensor(saved) and saved.shape != self.U.shape and getattr(self, "mode", None):
+            error_msgs.append(f"{prefix[:-1] or 'the layer'}: factors of shape {tuple(saved.shape)} do not fit this "
+                              f"{self.mode}-mode layer's {tuple(self.U.shape)}: saved from a model decomposed "
+                              f"in the other mode (decompose(mode=...)) or another layer")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         key = prefix + "_extra_state"
