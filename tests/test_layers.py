@@ -172,3 +172,30 @@ def test_factors_saved_in_the_other_conv_mode_are_refused_with_the_mode_named():
     channel = svdtrain.decompose(TinyResNet(), mode="channel")
     with pytest.raises(RuntimeError, match="channel-mode layer.*other mode"):
         channel.load_state_dict(spatial.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["channel", "spatial"])
+def test_a_conv_at_rank_0_runs_counts_and_exports_as_a_zero_weight(mode):
+    torch.manual_seed(0)
+    model = svdtrain.decompose(TinyResNet(), mode=mode, input_shape=(1, 3, 8, 8)).eval()
+    model.a1.set_active(torch.zeros_like(model.a1.active))
+    for form in ("auto", "factored"):
+        model.a1.set_form(form)
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            out = model(x)
+            compact = svdtrain.export(model, input_shape=(1, 3, 8, 8))
+            torch.testing.assert_close(compact(x), out)
+        assert svdtrain.count_macs(model, (1, 3, 8, 8)) > 0
+    with pytest.raises(ValueError, match="mask of shape"):
+        model.a1.set_active(torch.tensor([False]))
+
+
+def test_meta_device_and_the_masked_state_round_trip():
+    layer = SVDLinear(8, 4).to("meta")  # builds without reading values
+    assert layer.rank == 4 and layer.U.is_meta
+    model = svdtrain.decompose(TinyResNet())
+    model.a1.plan.masked = True  # mid-ramp of gradual pruning: full width times the mask
+    fresh = svdtrain.decompose(TinyResNet())
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.a1.plan.masked and not fresh.a2.plan.masked

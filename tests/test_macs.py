@@ -244,3 +244,23 @@ def test_an_encoder_with_a_padding_mask_is_counted_in_eval():
     per_layer = n * (4 * length * e * e + 2 * length * length * e + 2 * length * e * ff)
     assert svdtrain.count_macs(Enc().eval(), example_inputs=(torch.randn(n, length, e), pad)) == 2 * per_layer
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_a_pinned_pair_whose_weight_other_code_reads_ships_dense():
+    import torch
+
+    class TiedRead(nn.Module):  # reads its head's .weight, as a tied output head is read
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.head(self.fc(x)) + x @ self.head.weight
+
+    model = svdtrain.decompose(TiedRead(), input_shape=(2, 8))
+    model.head.set_form("factored")
+    svdtrain.count_macs(model, (2, 8))
+    compact = svdtrain.export(model, input_shape=(2, 8))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x))

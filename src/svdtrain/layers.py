@@ -191,6 +191,8 @@ class SVDLayer(nn.Module):
     def set_active(self, mask: torch.Tensor) -> None:
         """Keep only the singular values where `mask` is True; zero the others."""
         mask = mask.to(device=self.active.device, dtype=torch.bool)
+        if mask.shape != self.active.shape:  # a broadcast mask would cut every value alike
+            raise ValueError(f"set_active needs a mask of shape {tuple(self.active.shape)}, got {tuple(mask.shape)}")
         with torch.no_grad():
             self.active.copy_(mask)
             self.s.masked_fill_(~self.active, 0.0)
@@ -208,9 +210,11 @@ class SVDLayer(nn.Module):
     def _use_factored(self, in_hw: tuple[int, int] | None) -> bool:
         """The training path: the plan's form, or for "auto" the factor pair where it costs
         under FACTORED_BELOW of the dense op (never while ranks move: one graph)."""
-        if self.plan.form != "auto":
-            return self.plan.form == "factored"
+        if self.plan.form != "auto":  # a pair of 0 channels cannot run: at rank 0 the dense weight (0)
+            return self.plan.form == "factored" and self.plan.rank > 0
         if self.plan.masked:
+            return False
+        if self.plan.rank == 0:
             return False
         dense, factored = self.macs(in_hw)
         return factored < FACTORED_BELOW * dense

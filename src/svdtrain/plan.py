@@ -57,6 +57,9 @@ class Plan:
 
     def refresh(self, mask: torch.Tensor) -> None:
         """Read the mask into rank and idx."""
+        if mask.is_meta:  # no values to read (a model built on the meta device): full until loaded
+            self.rank, self.idx = mask.numel(), None
+            return
         self.rank = int(mask.sum())
         self.idx = None if self.rank == mask.numel() else mask.nonzero().squeeze(1)
 
@@ -67,12 +70,13 @@ class Plan:
 
     def ships_factored(self, rank: int | None = None) -> bool:
         """The one deploy rule: whether the layer ships as its factor pair at `rank`."""
+        k = self.rank if rank is None else rank
+        if self.reads_weight or k == 0:  # other code reads its .weight / a pair of 0 channels cannot run
+            return False
         if self.form != "auto":
             return self.form == "factored"
-        if self.reads_weight:
-            return False
         dense, per_rank = self.totals()
-        return per_rank * (self.rank if rank is None else rank) < dense
+        return per_rank * k < dense
 
     def call_macs(self, call: Call, rank: int | None = None, cost: str = "deploy") -> int:
         """MACs of one call at `rank` as shipped ("deploy"), as the pair or as dense."""
@@ -94,7 +98,7 @@ class Plan:
 
     # ----- saved with the layer's state -----
     def state(self) -> dict:
-        return {"form": self.form, "reads_weight": self.reads_weight, "timed": self.timed,
+        return {"form": self.form, "reads_weight": self.reads_weight, "timed": self.timed, "masked": self.masked,
                 "calls": [[list(c.shape), c.dense, c.per_rank] for c in self.calls]}
 
     def load(self, state: dict) -> None:
@@ -104,6 +108,7 @@ class Plan:
         self.form = form
         self.reads_weight = bool(state.get("reads_weight", False))
         self.timed = bool(state.get("timed", False))
+        self.masked = bool(state.get("masked", False))
         self.calls = [Call(tuple(shape), int(d), int(r)) for shape, d, r in state.get("calls", [])]
 
 
