@@ -194,10 +194,10 @@ def write_results(args) -> None:
         earlier = old.get("earlier") if "regime" in old else {k: old.get(k) for k in ("budget", "dense", "points", "date")}
         if earlier:
             result["earlier"] = earlier
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = summary_table(points, dense, args.regime, LEVELS, METHODS)
+    table = summary_table(points, dense, args.regime, LEVELS, METHODS)  # first: it may refuse the points
     if any(p["method"] == "svd_training" for p in points):
         table += ["", "SVD training through its stages (test top-1, %):", "", *stages_table(points)]
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text("\n".join(table) + "\n")
     plot(points, dense, out / f"{name}.png", LEVELS, METHODS)
     print("\n".join(table))

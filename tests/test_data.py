@@ -249,3 +249,14 @@ def test_16_bit_pgm_scales_by_its_format_not_its_values(tmp_path):
         (tmp_path / split / "a" / "x.pgm").write_bytes(b"P5\n2 2\n65535\n" + img.tobytes())
     ds = load_image_folder(tmp_path, image_size=2)
     assert ds.x_train[0, 0, 0, 0] == ds.x_test[0, 0, 0, 0] == round(200 / 257)
+
+
+def test_32_bit_integer_images_scale_by_their_values(tmp_path):
+    """A 32-bit integer TIFF holding 0..255 is an 8-bit image stored wide, not a 16-bit one."""
+    from PIL import Image
+    values = np.array([[0, 128, 255, 255]] * 4, dtype=np.int32)
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(values, mode="I").save(tmp_path / split / "a" / "x.tif")
+    ds = load_image_folder(tmp_path, image_size=4)
+    assert ds.x_train[0, 0, 0, :3].tolist() == [0, 128, 255]

@@ -84,7 +84,6 @@ def test_latency_readings_are_rank_0s_and_diverged_masks_are_caught(tmp_path):
         assert got == {"readings": [1.0, 1.0], "same": 0.0, "small": True, "caught": True}
 
 
-
 def test_the_pipelines_latency_choices_time_through_the_rank_0_timer(tmp_path, monkeypatch):
     """Under DDP the budget controller and the prune stage must take rank 0's readings: both
     time through distributed.rank0_timer (whose broadcast the test above checks)."""

@@ -95,3 +95,14 @@ def test_fit_refuses_to_resume_under_other_epochs_or_settings(setting, tmp_path)
         fit(fresh_model(), data, other, 2, quiet=True, checkpoint=ckpt)
     unread = {**cfg, "optim": {**cfg["optim"], "finetune_lr": 0.5}}  # a train stage does not read it
     assert len(fit(fresh_model(), data, unread, 2, quiet=True, checkpoint=ckpt)) == 2  # resumes
+
+
+def test_fit_resumes_a_checkpoint_that_recorded_all_of_optim(setting, tmp_path):
+    data, cfg = setting
+    ckpt = tmp_path / "train.pt"
+    with pytest.raises(Crash):
+        fit(fresh_model(), data, cfg, 2, quiet=True, checkpoint=ckpt, on_step=crash_after(6))
+    state = torch.load(ckpt, weights_only=True)
+    state["fit"]["optim"] = dict(cfg["optim"])  # as the first checkpoints with settings wrote them
+    torch.save(state, ckpt)
+    assert len(fit(fresh_model(), data, cfg, 2, quiet=True, checkpoint=ckpt)) == 2

@@ -118,3 +118,18 @@ def test_gradual_masks_follow_loss_scores_and_resume_identically():
     # Resuming between two mask updates keeps the scores gathered so far (SGD has no state).
     train(half, 7, copy.deepcopy(state))
     assert svdtrain.ranks(half) == svdtrain.ranks(whole)
+
+
+def test_loss_importance_takes_dict_inputs():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, batch):
+            return self.fc(batch["x"])
+
+    model = svdtrain.decompose(Keyword())
+    batches = [({"x": torch.randn(8, 4)}, torch.randint(0, 3, (8,)))]
+    scores = svdtrain.loss_importance(model, batches, F.cross_entropy)
+    assert scores["fc"].shape == (3,) and bool((scores["fc"] > 0).all())

@@ -157,9 +157,12 @@ def test_budget_controller_refuses_a_target_below_the_rank_one_floor():
         svdtrain.BudgetController(model, reg, 0.01, (1, 3, 16, 16), total_steps=100)
 
 
-def test_ranks_moving_under_masks_do_not_recompile():
+@pytest.mark.parametrize("pinned", [False, True])
+def test_ranks_moving_under_masks_do_not_recompile(pinned):
     torch.manual_seed(0)
     model = svdtrain.decompose(TinyResNet(), init="svd")
+    if pinned:  # a layer pinned to its pair runs it at full width times the mask too
+        model.b2.set_form("factored")
     graphs = []
 
     def backend(gm, example_inputs):

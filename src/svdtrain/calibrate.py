@@ -16,15 +16,23 @@ from torch import nn
 def run_batch(model: nn.Module, batch):
     """Call `model` on one batch: a tensor, an (x, y, ...) tuple or list (x is passed), or a dict
     of keyword arguments (Hugging Face style); tensors are moved to the model's device."""
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else None
-
-    def to(t):
-        return t.to(device) if torch.is_tensor(t) and device is not None else t
-
     if isinstance(batch, dict):
-        return model(**{k: to(v) for k, v in batch.items()})
-    return model(to(batch[0] if isinstance(batch, (tuple, list)) else batch))
+        return model(**to_model_device(model, batch))
+    return model(to_model_device(model, batch[0] if isinstance(batch, (tuple, list)) else batch))
+
+
+def to_model_device(model: nn.Module, obj):
+    """`obj` with its tensors (also inside dicts, tuples and lists) on the model's device."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return obj
+    if torch.is_tensor(obj):
+        return obj.to(param.device)
+    if isinstance(obj, dict):
+        return {k: to_model_device(model, v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_model_device(model, v) for v in obj)
+    return obj
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> int:

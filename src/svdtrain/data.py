@@ -292,19 +292,20 @@ def _list_split(split_dir, classes=None):
 
 
 def _to_rgb(im):
-    """8-bit RGB, upright by its EXIF orientation; 16-bit grey (Pillow modes I;16*, and I, as
+    """8-bit RGB, upright by its EXIF orientation; 16-bit grey (Pillow modes I;16*, and I as
     16-bit PNG and PGM files open, Pillow scaling any PGM maxval to 16 bits) scaled down to 8 bits
     first, by the format's range, not the image's values: Pillow's own convert clamps them at 255
-    (a 16-bit image would load almost white). Float images (F): 0..1 or 0..255 or 16-bit, by
-    their values (the format says nothing)."""
+    (a 16-bit image would load almost white). Other integer (I) and float (F) images: 0..1,
+    0..255 or 16-bit, by their values (the format says nothing)."""
     from PIL import Image, ImageOps
-    im = ImageOps.exif_transpose(im)
+    sixteen = im.mode.startswith("I;16") or (im.mode == "I" and im.format in ("PNG", "PPM"))
+    im = ImageOps.exif_transpose(im)  # (its copy has no format: read before)
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
-        if im.mode.startswith("I"):
+        if sixteen:
             top = 65535.0
-        else:
-            top = 1.0 if a.max() <= 1.0 else (255.0 if a.max() <= 255 else 65535.0)
+        else:  # 32-bit integers (TIFF) or floats: the range their values show
+            top = 1.0 if im.mode == "F" and a.max() <= 1.0 else (255.0 if a.max() <= 255 else 65535.0)
         im = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8))
     return im.convert("RGB")
 
@@ -337,8 +338,6 @@ def load_image_folder(root, image_size=64) -> Dataset:
         raise FileNotFoundError(f"missing {root / 'val'} (or {root / 'test'}) with <class>/*.jpg inside")
     classes, train_files, train_labels = _list_split(train_dir)
     _, eval_files, eval_labels = _list_split(eval_dir, classes)
-    if not eval_files:
-        raise FileNotFoundError(f"no images in {eval_dir}")
     return Dataset(
         _load_images(train_files, image_size), torch.tensor(train_labels, dtype=torch.int64),
         _load_images(eval_files, image_size), torch.tensor(eval_labels, dtype=torch.int64),

@@ -216,7 +216,9 @@ def fit(model, data, cfg: dict, epochs: int, *, stage="train", reg=None, checkpo
     unread = FINETUNE_UNREAD if stage == "finetune" else ("finetune_lr",)
     settings = {"stage": stage, "epochs": epochs, **{k: cfg[k] for k in FIT_KEYS}}
     settings["optim"] = {k: v for k, v in cfg["optim"].items() if k not in unread}
-    saved = state.get("fit", {})  # none in checkpoints from before it was recorded
+    saved = dict(state.get("fit", {}))  # none in checkpoints from before it was recorded
+    if isinstance(saved.get("optim"), dict):  # those that recorded all of optim: compare what is read
+        saved["optim"] = {k: v for k, v in saved["optim"].items() if k not in unread}
     changed = [k for k in settings if k in saved and saved[k] != settings[k]]
     if changed:  # its schedule and optimizer state belong to those settings
         raise RunError(f"{ckpt} was written by a fit with other {', '.join(changed)}; "

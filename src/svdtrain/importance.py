@@ -25,12 +25,12 @@ Unlike each layer's energy share, it compares values across layers on one scale.
 from __future__ import annotations
 
 import itertools
-
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from .calibrate import to_model_device
 from .layers import svd_layers
 
 
@@ -99,10 +99,9 @@ def loss_importance(model: nn.Module, batches: Iterable, loss_fn: Callable, max_
     was_training = model.training
     model.train()
     try:
-        param = next(model.parameters())
         for x, y in itertools.islice(batches, max_batches):  # no batch drawn past the last
             model.zero_grad(set_to_none=True)
-            loss_fn(model(x.to(param.device)), y.to(param.device)).backward()
+            loss_fn(model(to_model_device(model, x)), to_model_device(model, y)).backward()
             imp.accumulate()
     finally:
         model.load_state_dict(buffers, strict=False)

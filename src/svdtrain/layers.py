@@ -211,7 +211,7 @@ class SVDLayer(nn.Module):
         """The training path: the plan's form, or for "auto" the factor pair where it costs
         under FACTORED_BELOW of the dense op (never while ranks move: one graph)."""
         if self.plan.form != "auto":  # a pair of 0 channels cannot run: at rank 0 the dense weight (0)
-            return self.plan.form == "factored" and self.plan.rank > 0
+            return self.plan.form == "factored" and (self.plan.masked or self.plan.rank > 0)
         if self.plan.masked:
             return False
         if self.plan.rank == 0:

@@ -10,12 +10,19 @@ SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")
 _EPS = 1e-12  # keeps Hoyer finite on a layer whose singular values are all zero
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def _gram_deviation(f: torch.Tensor, probes: int = 0) -> torch.Tensor:
     """||G - I||_F^2 for G the Gram of the smaller side, as the reference code does for a factor
     with fewer rows. probes = k > 0 (and below G's size): the unbiased estimate ||(G - I) Z||_F^2 / k
     with Z a fresh Gaussian (size x k), which never forms G: 2·rows·size·k multiply-adds instead
     of rows·size^2, and an unbiased gradient of the same penalty."""
-    if f.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(f.device.type):
+    if f.dtype in (torch.float16, torch.bfloat16) or _autocast_on(f.device.type):
         # near I the deviation is below half precision's resolution (and its sum can pass
         # float16's range): the Grams in float32, whatever autocast is on
         with torch.autocast(f.device.type, enabled=False):
