@@ -24,14 +24,16 @@ def run_batch(model: nn.Module, batch):
 def to_model_device(model: nn.Module, obj):
     """`obj` with its tensors (also inside dicts, tuples and lists) on the model's device."""
     param = next(model.parameters(), None)
-    if param is None:
-        return obj
+    return obj if param is None else _to(obj, param.device)
+
+
+def _to(obj, device):
     if torch.is_tensor(obj):
-        return obj.to(param.device)
+        return obj.to(device)
     if isinstance(obj, dict):
-        return {k: to_model_device(model, v) for k, v in obj.items()}
+        return {k: _to(v, device) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(to_model_device(model, v) for v in obj)
+        return type(obj)(_to(v, device) for v in obj)
     return obj
 
 

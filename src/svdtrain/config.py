@@ -246,7 +246,7 @@ def validate(cfg: dict) -> None:
     miles = o["step_milestones"]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in miles):
         raise ConfigError(f"optim.step_milestones must be fractions of the schedule in [0, 1], got {miles}")
-    span = cfg["optim"]["schedule_span"]
+    span = o["schedule_span"]
     if (len(span) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in span)
             or not 0.0 <= span[0] < span[1] <= 1.0):
         raise ConfigError(f"optim.schedule_span must be [start, end] with 0 <= start < end <= 1, got {span}")

@@ -4,9 +4,12 @@ Imported by svdtrain only where `transformers` already is: `kinds.kind_of` loads
 model holds a transformers layer."""
 from __future__ import annotations
 
+import dataclasses
+
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .kinds import LayerKind, register
+from .kinds import KINDS, LayerKind, register
 from .layers import SVDLinear
 
 
@@ -26,5 +29,4 @@ try:  # a Linear subclass whose forward is a Linear's: its SVD form is an SVDLin
 except ImportError:  # a transformers without Falcon
     FalconLinear = None
 if FalconLinear is not None:
-    register(LayerKind("hf_falcon_linear", FalconLinear, lambda m, mode, init: SVDLinear.from_linear(m, init=init),
-                       svd_type=SVDLinear))
+    register(dataclasses.replace(KINDS[nn.Linear], name="hf_falcon_linear", source=FalconLinear))
