@@ -1,6 +1,7 @@
 """Budget-driven training: the strength controller and the pipeline that uses it."""
 import copy
 import json
+import math
 import subprocess
 import sys
 
@@ -36,6 +37,23 @@ def test_controller_raises_strength_above_schedule_and_lowers_it_below():
     strengths = [ctrl.step() for _ in range(10)]
     assert strengths[0] < 0.01 and strengths[-1] < strengths[0]
     assert all(b <= a for a, b in zip(strengths, strengths[1:]))
+
+
+def test_controller_update_law_by_hand():
+    """The law as budget.py's docstring states it, computed here step by step: the smoothed slope,
+    the prediction `horizon` updates ahead, the clip, the gain, the faster relax, the clamp."""
+    signal = [0.6, 0.65, 0.55, 5.0, 0.58, 0.58]
+    ctrl, reg = _controller(signal, max_strength=0.011)  # the first rise (to 0.0111) is clamped
+    strength, slope, last = 0.01, 0.0, 0.6
+    for t, m in enumerate(signal[1:], start=1):
+        slope = 0.7 * slope + 0.3 * (m - last)
+        last = m
+        want = 0.5 + (0.6 - 0.5) * max(0.0, 1 - t / 50)  # the line from m0 = 0.6 to 0.5 at step 50
+        err = max(-1.0, min(1.0, (m + 5 * slope - want) / want))
+        strength = min(max(strength * math.exp(0.5 * err * (1.0 if err > 0 else 4.0)), 1e-6), 0.011)
+        assert ctrl.step() == pytest.approx(strength, rel=1e-12), t
+    # the path went up, down (four times faster per unit of error), clipped up, clamped
+    assert reg.strength == pytest.approx(strength, rel=1e-12)
 
 
 def test_controller_schedule_reaches_target_and_holds():

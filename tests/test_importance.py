@@ -120,6 +120,37 @@ def test_gradual_masks_follow_loss_scores_and_resume_identically():
     assert svdtrain.ranks(half) == svdtrain.ranks(whole)
 
 
+def test_gradual_mask_update_cuts_by_the_accumulated_loss_scores():
+    """The first mask update equals prune(macs_budget=schedule, scores=(s * dL/ds)^2 averaged over
+    the steps since the start, computed here), and differs from the energy rule's cut."""
+    torch.manual_seed(0)
+    model = svdtrain.decompose(TinyResNet(), init="svd")
+    reg = svdtrain.Regularizer(orth=0.0, sparsity="hoyer", strength=1e-6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ctrl = svdtrain.BudgetController(model, reg, 0.3, (1, 3, 16, 16), total_steps=8, target_at=0.5,
+                                     every=2, mask=True, optimizer=opt, score="loss")
+    layers = dict(svdtrain.svd_layers(model))
+    hand = {name: torch.zeros(layer.s.numel(), dtype=torch.float64) for name, layer in layers.items()}
+    for step in (1, 2):
+        x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        for name, layer in layers.items():
+            hand[name] += (layer.s.detach().double() * layer.s.grad.double()) ** 2 / 2
+        if step == 2:
+            before = copy.deepcopy(model)
+        ctrl.step()
+    cut = {name: layer.active.clone() for name, layer in layers.items()}
+    assert sum(int(m.sum()) for m in cut.values()) < sum(m.numel() for m in cut.values())  # it cut
+    by_loss, by_energy = copy.deepcopy(before), copy.deepcopy(before)
+    svdtrain.prune(by_loss, macs_budget=ctrl.schedule(), input_shape=(1, 3, 16, 16), scores=hand)
+    svdtrain.prune(by_energy, macs_budget=ctrl.schedule(), input_shape=(1, 3, 16, 16))
+    for name, layer in svdtrain.svd_layers(by_loss):
+        assert torch.equal(layer.active, cut[name]), name
+    assert any(not torch.equal(layer.active, cut[name]) for name, layer in svdtrain.svd_layers(by_energy))
+
+
 def test_loss_importance_takes_dict_inputs():
     class Keyword(nn.Module):
         def __init__(self):

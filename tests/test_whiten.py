@@ -61,6 +61,18 @@ def test_linear_truncation_is_the_optimal_rank_k_approximation():
     assert optimal * (1 - 1e-6) <= diag < plain
 
 
+def test_diag_whitening_scales_columns_by_the_root_of_mean_abs_input():
+    # ASVD's S = diag(mean_rows |x_j|)^0.5, computed here: s are the singular values of W S.
+    g = torch.Generator().manual_seed(1)
+    x = correlated(500, 12, g)
+    dense = nn.Sequential(nn.Linear(12, 8)).double()
+    model = svdtrain.decompose(copy.deepcopy(dense), init="svd", calibration=[x[:200], x[200:]], whiten="diag")
+    d = x.abs().mean(0).sqrt()
+    expected = torch.linalg.svdvals(dense[0].weight.detach() * d)
+    assert torch.allclose(model[0].s.detach().abs().sort(descending=True).values, expected, rtol=1e-9)
+    assert not torch.allclose(expected, torch.linalg.svdvals(dense[0].weight.detach()), rtol=1e-2)
+
+
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
 def test_conv_energy_is_output_error(padding_mode):
     """Strided, padded conv: dropping whitened values costs their energy in output error,
