@@ -180,6 +180,32 @@ def test_latency_choice_takes_a_far_faster_factor_pair():
     assert isinstance(compact[0], nn.Sequential)
 
 
+@pytest.mark.parametrize("fast", ["dense", "factored"])
+def test_latency_choice_follows_the_clock_not_the_macs_rule(monkeypatch, fast):
+    """A scripted clock on which `fast` always runs in 1 ms and the other form in 1 s: the layer
+    ships in `fast`, also where the MACs rule would pick the other (rank 1 dense, rank 1000 factored)."""
+    import sys
+    import types
+    calls = []  # perf_counter calls come in (start, stop) pairs, the candidates in turn: dense, factored
+
+    def clock():
+        calls.append(None)
+        i = len(calls) - 1
+        if i % 2 == 0:
+            return 10.0 * i
+        form = ("dense", "factored")[(i // 2) % 2]
+        return 10.0 * (i - 1) + (1e-3 if form == fast else 1.0)
+    monkeypatch.setattr(sys.modules["svdtrain.export"], "time", types.SimpleNamespace(perf_counter=clock))
+    model = svdtrain.decompose(nn.Sequential(nn.Linear(1024, 1024)))
+    rank = 1 if fast == "dense" else 1000  # the MACs rule: factored at rank 1, dense at rank 1000
+    model[0].set_active(torch.arange(1024) < rank)
+    macs_choice = svdtrain.export(model, input_shape=(4, 1024), trace=False)
+    compact = svdtrain.export(model, input_shape=(4, 1024), choose="latency", reps=3, round_to=1, trace=False)
+    assert isinstance(macs_choice[0], nn.Sequential if fast == "dense" else nn.Linear)
+    assert isinstance(compact[0], nn.Linear if fast == "dense" else nn.Sequential)
+    assert len(calls) == 2 * 2 * 3  # two candidates, three repetitions
+
+
 def test_latency_choice_needs_an_input_shape():
     with pytest.raises(ValueError, match="input_shape"):
         svdtrain.export(svdtrain.decompose(mlp()), choose="latency")
