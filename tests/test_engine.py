@@ -55,9 +55,10 @@ def test_fit_resumes_from_its_training_state_to_the_identical_result(setting, tm
     # The training-state layout of a run checkpoint (checkpoint.py), marked as fit's own file.
     assert set(state) == {"format", "version", "epoch", "metrics", "model", "optimizer", "rng", "fit"}
     assert state["format"] == "svdtrain-train" and state["epoch"] == 1 and set(state["optimizer"]) == {"opt", "sched"}
-    resumed = fresh_model()
-    assert without_seconds(fit(resumed, data, cfg, 2, quiet=True, checkpoint=ckpt)) == without_seconds(rows)
-    assert same_weights(resumed, reference)
+    resumed, steps = fresh_model(), []
+    assert without_seconds(fit(resumed, data, cfg, 2, quiet=True, checkpoint=ckpt, on_step=steps.append)) == \
+        without_seconds(rows)
+    assert same_weights(resumed, reference) and len(steps) == 4  # only epoch 2 ran again
 
 
 def test_fit_resumes_a_checkpoint_of_the_layout_before_the_format_marker(setting, tmp_path):
@@ -70,9 +71,10 @@ def test_fit_resumes_a_checkpoint_of_the_layout_before_the_format_marker(setting
     state = torch.load(ckpt, weights_only=True)
     torch.save({"epoch": state["epoch"], "metrics": state["metrics"], "model": state["model"],
                 "opt": state["optimizer"]["opt"], "sched": state["optimizer"]["sched"], "rng": state["rng"]}, ckpt)
-    resumed = fresh_model()
-    assert without_seconds(fit(resumed, data, cfg, 2, quiet=True, checkpoint=ckpt)) == without_seconds(rows)
-    assert same_weights(resumed, reference)
+    resumed, steps = fresh_model(), []
+    assert without_seconds(fit(resumed, data, cfg, 2, quiet=True, checkpoint=ckpt, on_step=steps.append)) == \
+        without_seconds(rows)
+    assert same_weights(resumed, reference) and len(steps) == 4  # only epoch 2 ran again
 
 
 def test_fit_refuses_a_file_that_is_no_training_state(setting, tmp_path):
@@ -94,7 +96,10 @@ def test_fit_refuses_to_resume_under_other_epochs_or_settings(setting, tmp_path)
     with pytest.raises(RunError, match="other optim"):
         fit(fresh_model(), data, other, 2, quiet=True, checkpoint=ckpt)
     unread = {**cfg, "optim": {**cfg["optim"], "finetune_lr": 0.5}}  # a train stage does not read it
-    assert len(fit(fresh_model(), data, unread, 2, quiet=True, checkpoint=ckpt)) == 2  # resumes
+    steps = []
+    rows = fit(fresh_model(), data, unread, 2, quiet=True, checkpoint=ckpt, on_step=steps.append)
+    assert len(steps) == 4  # resumed: only epoch 2's four steps ran, to the uninterrupted result
+    assert without_seconds(rows) == without_seconds(fit(fresh_model(), data, cfg, 2, quiet=True))
 
 
 def test_fit_resumes_a_checkpoint_that_recorded_all_of_optim(setting, tmp_path):
@@ -105,4 +110,6 @@ def test_fit_resumes_a_checkpoint_that_recorded_all_of_optim(setting, tmp_path):
     state = torch.load(ckpt, weights_only=True)
     state["fit"]["optim"] = dict(cfg["optim"])  # as the first checkpoints with settings wrote them
     torch.save(state, ckpt)
-    assert len(fit(fresh_model(), data, cfg, 2, quiet=True, checkpoint=ckpt)) == 2
+    steps = []
+    rows = fit(fresh_model(), data, cfg, 2, quiet=True, checkpoint=ckpt, on_step=steps.append)
+    assert len(steps) == 4 and without_seconds(rows) == without_seconds(fit(fresh_model(), data, cfg, 2, quiet=True))
