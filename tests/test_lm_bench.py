@@ -82,6 +82,14 @@ def test_every_point_at_its_level(run):
     assert md.count("| svd_training | 60% | 10 |") == 1 and "Target, whitened cut" in md
 
 
+def test_torchao_pat_point_where_torchao_is_installed(run):
+    """torchao is an optional extra: without it the PAT rows are left out, and this says so."""
+    if not pat_runs():
+        pytest.skip("torchao.prototype.pat does not import: the benchmark's torchao_pat rows were not run")
+    points = json.loads((run[0] / "r.json").read_text())["points"]
+    assert {p["level"] for p in points if p["method"] == "torchao_pat"} == {0.6, 0.4}
+
+
 def test_exact_start_reproduces_dense(run):
     d, argv, _ = run
     args = lm.parse(argv)
