@@ -260,3 +260,49 @@ def test_32_bit_integer_images_scale_by_their_values(tmp_path):
         Image.fromarray(values, mode="I").save(tmp_path / split / "a" / "x.tif")
     ds = load_image_folder(tmp_path, image_size=4)
     assert ds.x_train[0, 0, 0, :3].tolist() == [0, 128, 255]
+
+
+def _labelled(counts):
+    """A dataset whose image i holds the value i (so rows can be traced) and classes of these sizes."""
+    y = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
+    x = torch.arange(len(y)).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    return Dataset(x, y, x[:2], y[:2], len(counts), "toy")
+
+
+def _ids(x):
+    return set(x[:, 0, 0, 0].tolist())
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_validation_split_partitions_the_training_images_with_their_labels(stratified):
+    data = _labelled([50, 30, 15, 5])
+    split = data.with_validation(20, stratified=stratified)
+    train, val = _ids(split.x_train), _ids(split.x_val)
+    assert len(val) == 20 and not train & val and train | val == set(range(100))
+    for x, y in ((split.x_train, split.y_train), (split.x_val, split.y_val)):
+        assert torch.equal(data.y_train[x[:, 0, 0, 0]], y)  # each image keeps its label
+    again = data.with_validation(20, stratified=stratified)
+    assert torch.equal(again.x_val, split.x_val)  # one fixed split per seed
+    if stratified:  # each class its share of 20 of 100: 50 -> 10, 30 -> 6, 15 -> 3, 5 -> 1
+        assert torch.bincount(split.y_val, minlength=4).tolist() == [10, 6, 3, 1]
+
+
+def test_a_random_split_that_misses_a_class_says_so_and_stratified_refuses_a_single_image(caplog):
+    data = _labelled([99, 1])
+    with caplog.at_level("WARNING", logger="svdtrain"):
+        split = data.with_validation(1)
+    assert split.y_val.tolist() == [0] and "no image of class(es) [1]" in caplog.text
+    with pytest.raises(ValueError, match="stratified validation split of 1: .*least populated class"):
+        data.with_validation(1, stratified=True)
+
+
+def test_the_config_key_val_split_reaches_the_run_data(tmp_path):
+    from svdtrain.config import ConfigError, load_config
+    from svdtrain.context import run_dataset
+    write_fake_cifar(tmp_path, n_train=200, n_test=20)
+    cfg = load_config(None, [f"data_dir={tmp_path}", "val_size=50", "val_split=stratified"])
+    data, labels = run_dataset(cfg), load_cifar(tmp_path).y_train
+    # each class within one image of its share of the 50 (a shuffle of seed 0 misses that)
+    assert (torch.bincount(data.y_val, minlength=10) - 50 * torch.bincount(labels, minlength=10) / 200).abs().max() < 1
+    with pytest.raises(ConfigError, match="val_split.*random, stratified"):
+        load_config(None, ["val_split=by_class"])

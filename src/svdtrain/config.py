@@ -10,6 +10,8 @@ DEFAULTS: dict = {
     "data_dir": "data",
     "val_size": 0,                # > 0: hold out this many training images (fixed split) and
                                   # report val_accuracy beside test_accuracy, for tuning
+    "val_split": "random",        # how they are drawn: random (a seeded shuffle) or stratified
+                                  # (each class in its share; for small or imbalanced classes)
     "image_size": 64,             # folder datasets only
     "decompose": {
         "enabled": True,          # false: plain dense training (a baseline)
@@ -86,6 +88,7 @@ DEFAULTS: dict = {
 
 CHOICES = {
     "dataset": ("cifar10", "cifar100", "digits", "folder"),
+    "val_split": ("random", "stratified"),
     "decompose.mode": ("channel", "spatial"),
     "prune.score": ("energy", "loss"),
     "decompose.init": ("random", "random_scaled", "dense_init", "svd"),

@@ -29,7 +29,9 @@ def run_dataset(cfg: dict):
     kw = {"image_size": cfg["image_size"]} if cfg["dataset"] == "folder" else {}
     try:
         data = load_dataset(cfg["dataset"], cfg["data_dir"], **kw)
-        return data.with_validation(cfg["val_size"]) if cfg.get("val_size") else data
+        if not cfg.get("val_size"):
+            return data
+        return data.with_validation(cfg["val_size"], stratified=cfg.get("val_split") == "stratified")
     except (FileNotFoundError, ValueError) as err:
         raise RunError(str(err).splitlines()[0]) from None
 

@@ -5,6 +5,7 @@ Everything is loaded once into N x C x H x W uint8 tensors (CIFAR-10 is 150 MB t
 no DataLoader workers, no per-image Python loop, same idea as airbench / hlb-cifar10.
 """
 import hashlib
+import logging
 import os
 import pickle
 import tarfile
@@ -19,6 +20,8 @@ import torch
 
 DATASET_NAMES = ["digits", "cifar10", "cifar100", "folder"]
 DEFAULT_DATA_DIR = "data"
+
+log = logging.getLogger("svdtrain")
 
 _CIFAR = {
     "cifar10": dict(
@@ -44,6 +47,20 @@ _CIFAR = {
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+def _stratified_holdout(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Sorted indices of n images, each class in proportion to its count (scikit-learn)."""
+    try:
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise ImportError("val_split=stratified needs scikit-learn: pip install svdtrain[cli]") from None
+    try:
+        _, val = train_test_split(torch.arange(len(labels)).numpy(), test_size=n, random_state=seed,
+                                  stratify=labels.numpy())
+    except ValueError as err:  # a class of one image, or fewer images than classes on a side
+        raise ValueError(f"stratified validation split of {n}: {err}") from None
+    return torch.from_numpy(val).sort().values
+
+
 @dataclass(repr=False, eq=False)
 class Dataset:
     """Train/test images as uint8 N x C x H x W tensors, labels as int64 tensors."""
@@ -62,14 +79,26 @@ class Dataset:
         return (f"Dataset({self.name!r}, train={tuple(self.x_train.shape)}{val}, test={tuple(self.x_test.shape)}, "
                 f"num_classes={self.num_classes})")
 
-    def with_validation(self, n: int, seed: int = 0) -> "Dataset":
-        """A copy whose last `n` training images of a fixed seeded shuffle are held out as
-        x_val/y_val (for choosing hyper-parameters without the test set). The split depends
-        only on `seed`, not on the run's seed: every run that asks for n sees the same one."""
+    def with_validation(self, n: int, seed: int = 0, stratified: bool = False) -> "Dataset":
+        """A copy whose `n` training images are held out as x_val/y_val (for choosing
+        hyper-parameters without the test set): the last n of a fixed seeded shuffle, or with
+        `stratified` each class in its share of the n (scikit-learn's stratified split). The
+        split depends only on `seed`, not on the run's seed: every run that asks for n sees
+        the same one. A class left with no validation image is logged (stratify then)."""
         if not 0 < n < len(self.x_train):
             raise ValueError(f"validation size must be in 1..{len(self.x_train) - 1}, got {n}")
-        order = torch.randperm(len(self.x_train), generator=torch.Generator().manual_seed(seed))
-        keep, val = order[:-n].sort().values, order[-n:].sort().values
+        if stratified:
+            val = _stratified_holdout(self.y_train, n, seed)
+            keep = torch.ones(len(self.y_train), dtype=torch.bool)
+            keep[val] = False
+            keep = keep.nonzero().squeeze(1)
+        else:
+            order = torch.randperm(len(self.x_train), generator=torch.Generator().manual_seed(seed))
+            keep, val = order[:-n].sort().values, order[-n:].sort().values
+            missing = sorted(set(self.y_train.unique().tolist()) - set(self.y_train[val].unique().tolist()))
+            if missing:
+                log.warning("svdtrain: the validation split holds no image of class(es) %s; "
+                            "val_split=stratified gives each class its share", missing[:10])
         return Dataset(self.x_train[keep], self.y_train[keep], self.x_test, self.y_test,
                        self.num_classes, self.name, self.x_train[val], self.y_train[val])
 
