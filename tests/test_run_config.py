@@ -1,5 +1,6 @@
 """What a run's config may change on resume, where its prune-stage batches come from, and the
 one-line errors of bad run inputs (tiny generated CIFAR-format data)."""
+import json
 import subprocess
 import sys
 
@@ -79,6 +80,8 @@ def test_a_run_resumed_on_other_data_is_refused(data, tmp_path):
     (["decompose.skip=[feature.0]"], "skip names no module of the model: feature.0"),
     (["prune.recalibrate=-5"], "prune.recalibrate must be >= 0"),
     (["decompose.init=svd", "decompose.dense_checkpoint=TENSOR"], "holds a Tensor, not a state_dict"),
+    (["prune.ranks=TENSOR"], "prune.ranks: cannot read"),  # not JSON
+    (["prune.ranks=r.json", "prune.macs_budget=0.5"], "prune.ranks gives every layer's rank"),
 ])
 def test_bad_run_inputs_are_one_line_errors(data, tmp_path, over, message):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
@@ -115,3 +118,15 @@ def test_a_run_saved_for_cuda_opens_on_a_machine_without_one(data, tmp_path):
     state["config"]["device"] = "cuda"
     torch.save(state, out / "checkpoint.pt")
     assert Run(out, quiet=True).device.type == "cpu"  # as `svdtrain evaluate` / a later stage opens it
+
+
+def test_prune_ranks_cuts_a_run_to_another_runs_ranks(data, tmp_path):
+    first = tmp_path / "first"
+    Run(first, config(data, "prune.keep_energy=0.8"), quiet=True).execute(until="export")
+    ranks = json.loads((first / "ranks.json").read_text())
+    ranks = {name: max(1, k - 1) for name, k in ranks.items()}  # another allocation than keep_energy's
+    (tmp_path / "r.json").write_text(json.dumps(ranks))
+    second = tmp_path / "second"
+    Run(second, config(data, f"prune.ranks={tmp_path / 'r.json'}"), quiet=True).execute(until="prune")
+    info = torch.load(second / "checkpoint.pt", weights_only=True)["info"]
+    assert info["ranks"] == ranks

@@ -48,8 +48,10 @@ DEFAULTS: dict = {
     # batches (svdtrain/calibrate.py); the prune metrics then say so. unwhiten (with
     # decompose.calibration): once the ranks are final (the cut; with gradual, the ramp's end)
     # re-factor each whitened layer as the plain SVD of its cut matrix (whiten.unwhiten).
+    # ranks: a JSON file {layer name: rank} (e.g. another run's ranks.json): each layer cut to
+    # its rank (values ranked by score) instead of a budget; to compare allocations at equal MACs.
     "prune": {"keep_energy": 0.9999, "macs_budget": 0.0, "gradual": False, "score": "energy", "score_batches": 32,
-              "recalibrate": 0, "unwhiten": False},
+              "recalibrate": 0, "unwhiten": False, "ranks": ""},
     "epochs": {"orth": 0, "train": 10, "finetune": 2},
     # Each SVD layer is exported as its factor pair or one dense layer, whichever has fewer
     # MACs ("macs") or runs faster on this machine, timed at export.batch in the memory
@@ -206,9 +208,11 @@ def validate(cfg: dict) -> None:
         raise ConfigError(f"prune.macs_budget must be in [0, 1] (0 = off), got {p['macs_budget']}")
     r = cfg["regularizer"]
     steered = r["target_macs"] or r["target_latency"]
-    if p["score"] == "loss" and not (p["macs_budget"] or steered):
-        raise ConfigError("prune.score: loss ranks values under a budget: set prune.macs_budget, regularizer.target_macs "
-                          "or regularizer.target_latency")
+    if p["score"] == "loss" and not (p["macs_budget"] or steered or p["ranks"]):
+        raise ConfigError("prune.score: loss ranks values under a budget: set prune.macs_budget, regularizer.target_macs, "
+                          "regularizer.target_latency or prune.ranks")
+    if p["ranks"] and (p["macs_budget"] or r["target_latency"]):
+        raise ConfigError("prune.ranks gives every layer's rank: unset prune.macs_budget and regularizer.target_latency")
     if p["score_batches"] < 1:
         raise ConfigError(f"prune.score_batches must be >= 1, got {p['score_batches']}")
     if not 0.0 <= r["target_macs"] <= 1.0 or not 0.0 < r["target_at"] <= 1.0:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ from .calibrate import recalibrate_batchnorm
 from .checkpoint import atomic_save, atomic_write_text, model_state
 from .context import RunContext
 from .distributed import rank0_timer, replica_spread, spread
-from .engine import evaluate, make_optimizer, stage_epoch, task_loss, train_phase
+from .engine import RunError, evaluate, make_optimizer, stage_epoch, task_loss, train_phase
 from .export import export, export_onnx, export_program
 from .importance import loss_importance
 from .latency import measured_latency_ratio
@@ -198,8 +199,10 @@ def prune_stage(ctx: RunContext) -> None:
     # The batches scored and recalibrated on: the prune stage's own epoch of the stream, not
     # whichever epoch this process last trained (the same in one `run` and in `train` + `prune`).
     ctx.train_loader.set_epoch(stage_epoch("prune"))
-    scores = _loss_scores(ctx, p["score_batches"]) if p["score"] == "loss" and (budget or latency) else None
-    if latency:
+    scores = _loss_scores(ctx, p["score_batches"]) if p["score"] == "loss" and (budget or latency or p["ranks"]) else None
+    if p["ranks"]:
+        info["ranks"] = prune(ctx.model, at_ranks=_read_ranks(p["ranks"]), scores=scores)
+    elif latency:
         for _, layer in svd_layers(ctx.model):
             layer.set_form("auto")  # the cut re-times every layer and pins its faster form again
         info["ranks"] = prune(ctx.model, latency_budget=latency, input_shape=_deploy_shape(ctx), scores=scores,
@@ -224,6 +227,14 @@ def prune_stage(ctx: RunContext) -> None:
     if ctx.verbose:
         ctx.log(f"[prune] ranks {list(info['ranks'].values())} -> test {info['accuracy_pruned']:.2%}, "
                 f"MACs {info['macs_pruned'] / info['dense_macs']:.1%} of dense")
+
+
+def _read_ranks(path: str) -> dict:
+    """prune.ranks: {layer name: rank} from a JSON file (errors as one-line RunErrors)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"prune.ranks: cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
 def _loss_scores(ctx: RunContext, batches: int) -> dict:
