@@ -2,17 +2,20 @@
 20 orthogonality-only + 164 + 60 epochs, 28% of the dense MACs), against the two anchors of
 equal length trained here and the published full-length figures.
 
-Three runs, each resumable (rerun the same command after a stop) and independent but for the
+Three runs and a diagnostic one, each resumable (rerun the same command after a stop) and independent but for the
 post-hoc one, which starts from the dense model:
   dense         the same recipe, plain layers, 184 epochs (orth + train) in one cosine schedule
   svd_training  the full config as shipped (decompose.mode from --mode)
   posthoc_svd   SVD of the dense model, cut to the same MACs by loss importance (the rule
                 chosen on validation for post-hoc SVD of a trained model), BatchNorm
                 re-estimated on 16 batches, the same 60 fine-tuning epochs: 184 + 60 in all
+  posthoc_svd_at_svd_ranks  the same, but each layer cut to the rank SVD training ended with
+                (its ranks.json): separates the allocation from the weights it trained
 
     python benchmarks/paper_length.py --run dense --threads 1      # one core each, in parallel
     python benchmarks/paper_length.py --run svd_training --threads 1
     python benchmarks/paper_length.py --run posthoc_svd --threads 1   # after dense
+    python benchmarks/paper_length.py --run posthoc_svd_at_svd_ranks   # after dense and svd_training
     python benchmarks/paper_length.py --report-only
     python benchmarks/paper_length.py --save-progress   # before a machine goes away
 Result: results/paper_length.json (+ .md): every finished run's summary; the test set only reports.
@@ -37,9 +40,9 @@ from svdtrain.train import Run
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "cifar10_resnet20_full.yaml"
-METHODS = ("dense", "svd_training", "posthoc_svd")
+METHODS = ("dense", "svd_training", "posthoc_svd", "posthoc_svd_at_svd_ranks")
 PROGRESS = HERE / "results" / "paper_length_progress"
-KEPT = ("checkpoint.pt", "metrics.jsonl", "summary.json")  # what a run resumes from and reports
+KEPT = ("checkpoint.pt", "metrics.jsonl", "summary.json", "ranks.json")  # what a run resumes from and reports
 
 
 def save_progress(work: Path) -> None:
@@ -84,9 +87,11 @@ def config(method: str, args) -> dict:
     if method == "svd_training":
         return load_config(CONFIG, common + [f"decompose.mode={args.mode}"])
     dense = Path(args.work) / "dense" / "checkpoint.pt"
+    ranks = [f"prune.ranks={Path(args.work) / 'svd_training' / 'ranks.json'}"] \
+        if method == "posthoc_svd_at_svd_ranks" else []
     return load_config(CONFIG, common + ["decompose.init=svd", f"decompose.dense_checkpoint={dense}",
                                          "epochs.orth=0", "epochs.train=0", "prune.score=loss",
-                                         "prune.recalibrate=16"])
+                                         "prune.recalibrate=16", *ranks])
 
 
 def point(method: str, args) -> dict | None:
@@ -99,7 +104,7 @@ def point(method: str, args) -> dict | None:
         else config(method, args)
     epochs = {"orth": 0, "train": cfg["epochs"]["orth"] + cfg["epochs"]["train"], "finetune": 0} \
         if method == "dense" else dict(cfg["epochs"])
-    if method == "posthoc_svd":  # the dense model's epochs are its training
+    if method.startswith("posthoc_svd"):  # the dense model's epochs are its training
         epochs["train"] = config("dense", args)["epochs"]["train"]
     ratio = s["macs"] / s["dense_macs"]
     return {"method": method, "epochs": epochs, "macs_ratio": ratio, "macs_reduction": 1 / ratio,
@@ -119,7 +124,7 @@ def report(args) -> None:
     result = {"points": points, "config": str(CONFIG.relative_to(HERE.parent)),
               "machine": f"{platform.machine()}, {args.threads} CPU thread(s) per run, torch {torch.__version__}",
               "date": datetime.date.today().isoformat(),
-              "command": "python benchmarks/paper_length.py --run {dense,svd_training,posthoc_svd} "
+              "command": "python benchmarks/paper_length.py --run {dense,svd_training,posthoc_svd,posthoc_svd_at_svd_ranks} "
                          f"--threads {args.threads} --mode {args.mode}"}
     svd = next((p for p in points if p["method"] == "svd_training"), None)
     if svd is not None:
@@ -175,8 +180,10 @@ def main(argv=None):
         return
     if args.run and not args.report_only:
         restore_progress(Path(args.work) / args.run)
-        if args.run == "posthoc_svd" and not (Path(args.work) / "dense" / "summary.json").is_file():
-            raise SystemExit("posthoc_svd starts from the finished dense run: run --run dense first")
+        if args.run.startswith("posthoc_svd") and not (Path(args.work) / "dense" / "summary.json").is_file():
+            raise SystemExit(f"{args.run} starts from the finished dense run: run --run dense first")
+        if args.run == "posthoc_svd_at_svd_ranks" and not (Path(args.work) / "svd_training" / "ranks.json").is_file():
+            raise SystemExit(f"{args.run} takes SVD training's ranks: run --run svd_training first")
         torch.set_num_threads(args.threads)
         Run(Path(args.work) / args.run, config(args.run, args), quiet=True).execute()
     report(args)

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import paper_length  # noqa: E402
 
@@ -50,3 +52,14 @@ def test_report_judges_each_target(tmp_path):
     _summary(work / "posthoc_svd", 0.9300, 12_000_000, 3600)  # above the budget: never the judged run
     paper_length.main(["--report-only", "--work", str(work), "--out", str(out)])
     assert json.loads(out.read_text())["targets"] == [accuracy, macs, drop]
+
+
+def test_the_diagnostic_run_takes_svd_trainings_ranks_and_waits_for_them(tmp_path):
+    args = paper_length.argparse.Namespace(data_dir="d", threads=1, device="cpu", seed=0, mode="channel",
+                                           work=str(tmp_path / "work"))
+    cfg, plain = paper_length.config("posthoc_svd_at_svd_ranks", args), paper_length.config("posthoc_svd", args)
+    assert cfg["prune"]["ranks"] == str(tmp_path / "work" / "svd_training" / "ranks.json")
+    assert {**cfg, "prune": {**cfg["prune"], "ranks": ""}} == plain  # nothing else differs
+    _summary(tmp_path / "work" / "dense", 0.92, 40_000_000, 3600)
+    with pytest.raises(SystemExit, match="takes SVD training's ranks"):
+        paper_length.main(["--run", "posthoc_svd_at_svd_ranks", "--work", str(tmp_path / "work")])
