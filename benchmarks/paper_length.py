@@ -87,8 +87,8 @@ def config(method: str, args) -> dict:
     if method == "svd_training":
         return load_config(CONFIG, common + [f"decompose.mode={args.mode}"])
     dense = Path(args.work) / "dense" / "checkpoint.pt"
-    ranks = [f"prune.ranks={Path(args.work) / 'svd_training' / 'ranks.json'}"] \
-        if method == "posthoc_svd_at_svd_ranks" else []
+    ranks = [f"prune.ranks={Path(args.work) / 'svd_training' / 'ranks.json'}", f"decompose.mode={args.mode}"] \
+        if method == "posthoc_svd_at_svd_ranks" else []  # SVD training's ranks, in its mode
     return load_config(CONFIG, common + ["decompose.init=svd", f"decompose.dense_checkpoint={dense}",
                                          "epochs.orth=0", "epochs.train=0", "prune.score=loss",
                                          "prune.recalibrate=16", *ranks])

@@ -282,7 +282,7 @@ def test_scores_choose_values_in_float64_in_a_half_precision_model():
         assert kept == list(range(16 - len(kept), 16))
 
 
-def test_at_ranks_cuts_each_named_layer_to_its_rank_keeping_its_largest_or_best_scored_values():
+def test_set_ranks_cuts_each_named_layer_keeping_its_largest_or_best_scored_values():
     torch.manual_seed(0)
     model = svdtrain.decompose(TinyResNet(), init="svd")
     full = svdtrain.ranks(model)
@@ -291,28 +291,31 @@ def test_at_ranks_cuts_each_named_layer_to_its_rank_keeping_its_largest_or_best_
         for layer in (model.a1, model.a2):
             layer.s.copy_(layer.s[torch.randperm(layer.full_rank)])
     before = {n: layer.s.detach().abs().clone() for n, layer in svdtrain.svd_layers(model)}
-    got = svdtrain.prune(model, at_ranks=want)
-    assert got == {**full, **want}  # the layers not named keep their ranks
+    got = svdtrain.set_ranks(model, want)
+    assert got == {**full, **want} == svdtrain.ranks(model)  # the layers not named keep their ranks
     layers = dict(svdtrain.svd_layers(model))
     for name, k in want.items():  # brute force: the indices of the k largest |s|
         assert set(layers[name].active.nonzero().squeeze(1).tolist()) == set(before[name].topk(k).indices.tolist())
     # with scores: each layer keeps its best-scored values, whatever their size
     fresh = svdtrain.decompose(TinyResNet(), init="svd")
     scores = {n: torch.arange(layer.full_rank, dtype=torch.float32) for n, layer in svdtrain.svd_layers(fresh)}
-    svdtrain.prune(fresh, at_ranks={"a1": 2}, scores=scores)
+    svdtrain.set_ranks(fresh, {"a1": 2}, scores=scores)
     n = fresh.a1.full_rank
     assert fresh.a1.active.nonzero().squeeze(1).tolist() == [n - 2, n - 1]
 
 
-def test_at_ranks_refuses_unknown_layers_and_ranks_it_cannot_reach():
+@pytest.mark.parametrize("config, message", [
+    ({"nope": 1}, "lacks .*'nope'"),
+    ({"a1": 1, "a2": 3}, r"rank 3 for a2 is not an integer in 1..2"),  # pruned values are not brought back
+    ({"a1": 1, "a2": True}, "not an integer"),
+    ({"a1": 1, "a2": 1.0}, "not an integer"),
+    ({"a1": 1, "a2": 0}, "not an integer in 1..2"),
+    ({}, "empty"),
+    ([["a1", 1]], "mapping, not a list"),
+])
+def test_set_ranks_refuses_a_bad_config_before_cutting_any_layer(config, message):
     model = svdtrain.decompose(TinyResNet(), init="svd")
-    svdtrain.prune(model, at_ranks={"a1": 2})
-    with pytest.raises(ValueError, match="no SVD layer for, e.g. 'nope'"):
-        svdtrain.prune(model, at_ranks={"nope": 1})
-    with pytest.raises(ValueError, match=r"at_ranks\['a1'\] must be an integer in 0..2"):
-        svdtrain.prune(model, at_ranks={"a1": 3})  # pruned values are not brought back
-    with pytest.raises(ValueError, match="integer"):
-        svdtrain.prune(model, at_ranks={"a1": True})
-    with pytest.raises(ValueError, match="exactly one of"):
-        svdtrain.prune(model, keep_energy=0.9, at_ranks={"a1": 1})
-    assert svdtrain.ranks(model)["a1"] == 2  # a refused call cuts nothing
+    svdtrain.set_ranks(model, {"a1": 2, "a2": 2})
+    with pytest.raises(ValueError, match=message):
+        svdtrain.set_ranks(model, config)
+    assert svdtrain.ranks(model)["a1"] == 2  # a refused call cuts nothing, its valid entries neither

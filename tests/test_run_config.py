@@ -80,12 +80,16 @@ def test_a_run_resumed_on_other_data_is_refused(data, tmp_path):
     (["decompose.skip=[feature.0]"], "skip names no module of the model: feature.0"),
     (["prune.recalibrate=-5"], "prune.recalibrate must be >= 0"),
     (["decompose.init=svd", "decompose.dense_checkpoint=TENSOR"], "holds a Tensor, not a state_dict"),
-    (["prune.ranks=TENSOR"], "prune.ranks: cannot read"),  # not JSON
-    (["prune.ranks=r.json", "prune.macs_budget=0.5"], "prune.ranks gives every layer's rank"),
+    (["prune.ranks=TENSOR"], "prune.ranks "),  # not JSON: refused before training
+    (["prune.ranks=NAMES"], "rank config names layers the model lacks (1), e.g. 'conv9'"),
+    (["prune.ranks=r.json", "prune.macs_budget=0.5"], "prune.ranks gives the layers' ranks"),
+    (["prune.ranks=r.json", "regularizer.target_macs=0.5", "prune.gradual=true"], "prune.gradual (its masks cut"),
 ])
 def test_bad_run_inputs_are_one_line_errors(data, tmp_path, over, message):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
-    over = [o.replace("TENSOR", str(tmp_path / "tensor.pt")) for o in over]
+    (tmp_path / "names.json").write_text(json.dumps({"conv9": 1}))
+    over = [o.replace("TENSOR", str(tmp_path / "tensor.pt")).replace("NAMES", str(tmp_path / "names.json"))
+            for o in over]
     res = cli("run", data / "tiny.yaml", "--out", tmp_path / "x", "--quiet", *over)
     assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
@@ -130,3 +134,6 @@ def test_prune_ranks_cuts_a_run_to_another_runs_ranks(data, tmp_path):
     Run(second, config(data, f"prune.ranks={tmp_path / 'r.json'}"), quiet=True).execute(until="prune")
     info = torch.load(second / "checkpoint.pt", weights_only=True)["info"]
     assert info["ranks"] == ranks
+    (tmp_path / "high.json").write_text(json.dumps({**ranks, next(iter(ranks)): 10**6}))
+    with pytest.raises(RunError, match="not an integer in 1.."):  # refused before the train stage runs
+        Run(tmp_path / "third", config(data, f"prune.ranks={tmp_path / 'high.json'}"), quiet=True).execute(until="train")

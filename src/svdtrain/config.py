@@ -48,8 +48,9 @@ DEFAULTS: dict = {
     # batches (svdtrain/calibrate.py); the prune metrics then say so. unwhiten (with
     # decompose.calibration): once the ranks are final (the cut; with gradual, the ramp's end)
     # re-factor each whitened layer as the plain SVD of its cut matrix (whiten.unwhiten).
-    # ranks: a JSON file {layer name: rank} (e.g. another run's ranks.json): each layer cut to
-    # its rank (values ranked by score) instead of a budget; to compare allocations at equal MACs.
+    # ranks: a JSON file {layer name: rank} (e.g. another run's ranks.json): each named layer cut
+    # to its rank (values ranked by score; the layers it does not name keep theirs) instead of a
+    # budget; to compare allocations at equal MACs (svdtrain.set_ranks).
     "prune": {"keep_energy": 0.9999, "macs_budget": 0.0, "gradual": False, "score": "energy", "score_batches": 32,
               "recalibrate": 0, "unwhiten": False, "ranks": ""},
     "epochs": {"orth": 0, "train": 10, "finetune": 2},
@@ -211,8 +212,9 @@ def validate(cfg: dict) -> None:
     if p["score"] == "loss" and not (p["macs_budget"] or steered or p["ranks"]):
         raise ConfigError("prune.score: loss ranks values under a budget: set prune.macs_budget, regularizer.target_macs, "
                           "regularizer.target_latency or prune.ranks")
-    if p["ranks"] and (p["macs_budget"] or r["target_latency"]):
-        raise ConfigError("prune.ranks gives every layer's rank: unset prune.macs_budget and regularizer.target_latency")
+    if p["ranks"] and (p["macs_budget"] or r["target_latency"] or (p["gradual"] and e["train"] > 0)):
+        raise ConfigError("prune.ranks gives the layers' ranks: unset prune.macs_budget, regularizer.target_latency "
+                          "and prune.gradual (its masks cut to another allocation while training)")
     if p["score_batches"] < 1:
         raise ConfigError(f"prune.score_batches must be >= 1, got {p['score_batches']}")
     if not 0.0 <= r["target_macs"] <= 1.0 or not 0.0 < r["target_at"] <= 1.0:

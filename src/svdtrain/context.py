@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,9 @@ from .layers import svd_layers
 from .loader import BatchLoader
 from .macs import count_macs, count_params
 from .models import build_model
+from .prune import check_rank_config
+
+log = logging.getLogger("svdtrain")
 
 
 def run_dataset(cfg: dict):
@@ -82,7 +87,24 @@ def build_run_model(cfg: dict, data, fresh: bool = True) -> nn.Module:
         if d["orth_metric"] == "plain":  # orthogonality of V itself, not in the activation metric
             for _, layer in svd_layers(model):
                 layer.set_metric(None)
+        if cfg["prune"]["ranks"] and fresh:  # a bad file is refused before training, not after it
+            read_rank_file(cfg["prune"]["ranks"], model, quiet=True)
     return model
+
+
+def read_rank_file(path, model: nn.Module, quiet: bool = False) -> dict:
+    """prune.ranks: the {layer name: rank} of a JSON file, checked against `model` (errors as
+    one-line RunErrors); the SVD layers it does not name are logged (they keep their ranks)."""
+    try:
+        config = json.loads(Path(path).read_text())
+        check_rank_config(model, config)
+    except (OSError, ValueError) as err:
+        raise RunError(f"prune.ranks {path}: {str(err).splitlines()[0]}") from None
+    left = [name for name, _ in svd_layers(model) if name not in config]
+    if left and not quiet:
+        log.warning("svdtrain: prune.ranks names %d of the %d SVD layers; %s and the others it does not name "
+                    "keep their ranks", len(config), len(config) + len(left), left[0])
+    return config
 
 
 def calibration_batches(cfg: dict, data):

@@ -52,7 +52,7 @@ def _stratified_holdout(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor
     try:
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise ImportError("val_split=stratified needs scikit-learn: pip install svdtrain[cli]") from None
+        raise ImportError("val_split=stratified needs scikit-learn: pip install 'svdtrain[cli]'") from None
     try:
         _, val = train_test_split(torch.arange(len(labels)).numpy(), test_size=n, random_state=seed,
                                   stratify=labels.numpy())

@@ -1,6 +1,8 @@
 """Singular-value pruning: by an energy threshold per layer, or to a whole-model MACs budget."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -47,8 +49,7 @@ def _keep_top(layer: SVDLayer, k: int, score: torch.Tensor | None = None) -> Non
 
 def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: float | None = None,
           input_shape=None, optimizer: torch.optim.Optimizer | None = None, example_inputs=None,
-          scores=None, round_to: int = 1, latency_budget: float | None = None, timer=None,
-          at_ranks: dict[str, int] | None = None) -> dict[str, int]:
+          scores=None, round_to: int = 1, latency_budget: float | None = None, timer=None) -> dict[str, int]:
     """Prune singular values of every SVD layer; returns {qualified_name: rank}.
 
     keep_energy: per layer, keep the fewest largest values whose squares hold at least this
@@ -70,10 +71,7 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
     latency_budget: instead, bring the model's time on this device to <= this fraction of the
         dense model's: the same allocation over measured per-layer times (latency.py; `timer`
         replaces the wall clock); each layer is pinned to the form that was faster at its rank.
-    at_ranks: instead, {layer name: rank}, e.g. another run's ranks.json: each named layer cut
-        to that rank (its highest-scored values kept), the others left as they are; to compare
-        allocations at equal MACs, or rebuild a run's ranks on another start.
-    scores: with macs_budget, latency_budget or at_ranks, the importance of each value instead of its energy share: an
+    scores: with macs_budget or latency_budget, the importance of each value instead of its energy share: an
         importance object called as `scores(name, layer)` (`EnergyShare`,
         `SingularValueImportance` filled in your loop, or your own), or a dict {layer name: one
         non-negative score per singular value} (e.g. `loss_importance`). Scores are compared
@@ -86,10 +84,10 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
     Calling prune again prunes again: keep_energy applies to what is still active, so each
     call can remove more; a macs_budget the model already meets removes nothing.
     """
-    if sum(x is not None for x in (keep_energy, macs_budget, latency_budget, at_ranks)) != 1:
-        raise ValueError("give exactly one of keep_energy, macs_budget, latency_budget or at_ranks")
+    if sum(x is not None for x in (keep_energy, macs_budget, latency_budget)) != 1:
+        raise ValueError("give exactly one of keep_energy, macs_budget or latency_budget")
     if scores is not None and keep_energy is not None:
-        raise ValueError("scores rank singular values under a macs_budget, latency_budget or at_ranks only")
+        raise ValueError("scores rank singular values under a macs_budget or latency_budget only")
     if not (isinstance(round_to, int) and round_to >= 1):
         raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
     layers = list(svd_layers(model))
@@ -102,8 +100,6 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
             active_s = layer.s.detach()[layer.active]
             k = energy_rank(active_s, float(keep_energy))
             _keep_top(layer, round_rank(k, round_to, layer.rank))
-    elif at_ranks is not None:
-        _cut_to_ranks(dict(layers), at_ranks, None if scores is None else _importance(model, scores))
     elif latency_budget is not None:
         from .latency import prune_to_latency, wall_time
         prune_to_latency(model, float(latency_budget), input_shape, example_inputs, scores, round_to, timer or wall_time)
@@ -112,20 +108,6 @@ def prune(model: nn.Module, keep_energy: float | None = None, *, macs_budget: fl
     if optimizer is not None:
         clear_pruned_state(model, optimizer)
     return ranks(model)
-
-
-def _cut_to_ranks(layers: dict, at_ranks: dict, importance) -> None:
-    unknown = sorted(set(at_ranks) - set(layers))
-    if unknown:
-        raise ValueError(f"at_ranks names {len(unknown)} layer(s) the model has no SVD layer for, "
-                         f"e.g. {unknown[0]!r} (names as svdtrain.ranks(model) gives them)")
-    for name, k in at_ranks.items():
-        layer = layers[name]
-        if not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= layer.rank):
-            raise ValueError(f"at_ranks[{name!r}] must be an integer in 0..{layer.rank} (its active rank), got {k!r}")
-    for name, k in at_ranks.items():
-        layer = layers[name]
-        _keep_top(layer, k, None if importance is None else importance(name, layer))
 
 
 def clear_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -215,14 +197,31 @@ def ranks(model: nn.Module) -> dict[str, int]:
     return {name: layer.rank for name, layer in svd_layers(model)}
 
 
-def set_ranks(model: nn.Module, rank_config: dict[str, int]) -> None:
-    """Keep, in each named layer, its `rank` largest active singular values."""
+def set_ranks(model: nn.Module, rank_config: dict[str, int], scores=None) -> dict[str, int]:
+    """Cut each named layer to its rank in `rank_config` ({layer name: rank}, e.g. another run's
+    ranks.json), keeping its largest active values, or its highest-scored ones with `scores`
+    (as in `prune`); layers not named are left as they are. Every entry is checked before any
+    layer is cut (pruned values were zeroed: a rank above the current one cannot be reached).
+    Returns the model's ranks."""
+    check_rank_config(model, rank_config)
     layers = dict(svd_layers(model))
-    unknown = set(rank_config) - set(layers)
-    if unknown:
-        raise ValueError(f"rank config names layers the model lacks: {sorted(unknown)[:5]}")
+    importance = None if scores is None else _importance(model, scores)
     for name, k in rank_config.items():
-        if not 1 <= int(k) <= layers[name].rank:
-            # Pruned values were zeroed: they cannot come back.
-            raise ValueError(f"rank {k} for {name} is outside 1..{layers[name].rank} (its current rank)")
-        _keep_top(layers[name], int(k))
+        _keep_top(layers[name], int(k), None if importance is None else importance(name, layers[name]))
+    return ranks(model)
+
+
+def check_rank_config(model: nn.Module, rank_config) -> None:
+    """The errors `set_ranks` would raise, as one-line ValueErrors, without cutting anything."""
+    if not isinstance(rank_config, dict):
+        raise ValueError(f"a rank config is a {{layer name: rank}} mapping, not a {type(rank_config).__name__}")
+    if not rank_config:
+        raise ValueError("the rank config is empty: it names no layer to cut")
+    layers = dict(svd_layers(model))
+    unknown = sorted(set(rank_config) - set(layers))
+    if unknown:
+        raise ValueError(f"rank config names layers the model lacks ({len(unknown)}), e.g. {unknown[0]!r}; "
+                         f"names as svdtrain.ranks(model) gives them")
+    for name, k in rank_config.items():
+        if not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and 1 <= k <= layers[name].rank):
+            raise ValueError(f"rank {k!r} for {name} is not an integer in 1..{layers[name].rank} (its current rank)")

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -18,16 +17,16 @@ from torch import nn
 from .budget import BudgetController, budget_warning, macs_at_energy
 from .calibrate import recalibrate_batchnorm
 from .checkpoint import atomic_save, atomic_write_text, model_state
-from .context import RunContext
+from .context import RunContext, read_rank_file
 from .distributed import rank0_timer, replica_spread, spread
-from .engine import RunError, evaluate, make_optimizer, stage_epoch, task_loss, train_phase
+from .engine import evaluate, make_optimizer, stage_epoch, task_loss, train_phase
 from .export import export, export_onnx, export_program
 from .importance import loss_importance
 from .latency import measured_latency_ratio
 from .layers import svd_layers
 from .losses import Regularizer
 from .macs import count_macs, count_params, profile
-from .prune import prune, ranks
+from .prune import prune, ranks, set_ranks
 from .whiten import unwhiten
 
 log = logging.getLogger("svdtrain")
@@ -189,8 +188,9 @@ def _check_budget(ctx: RunContext) -> None:
 
 def prune_stage(ctx: RunContext) -> None:
     """Remove singular values by energy (prune.keep_energy), to a MACs budget
-    (prune.macs_budget, else regularizer.target_macs) or to regularizer.target_latency (each
-    layer then pinned to its faster form), ranked by energy or loss importance."""
+    (prune.macs_budget, else regularizer.target_macs), to regularizer.target_latency (each
+    layer then pinned to its faster form) or to the ranks of a file (prune.ranks), ranked by
+    energy or loss importance."""
     info = ctx.state["info"]
     if not ctx.is_svd:
         return
@@ -201,7 +201,7 @@ def prune_stage(ctx: RunContext) -> None:
     ctx.train_loader.set_epoch(stage_epoch("prune"))
     scores = _loss_scores(ctx, p["score_batches"]) if p["score"] == "loss" and (budget or latency or p["ranks"]) else None
     if p["ranks"]:
-        info["ranks"] = prune(ctx.model, at_ranks=_read_ranks(p["ranks"]), scores=scores)
+        info["ranks"] = set_ranks(ctx.model, read_rank_file(p["ranks"], ctx.model), scores=scores)
     elif latency:
         for _, layer in svd_layers(ctx.model):
             layer.set_form("auto")  # the cut re-times every layer and pins its faster form again
@@ -227,14 +227,6 @@ def prune_stage(ctx: RunContext) -> None:
     if ctx.verbose:
         ctx.log(f"[prune] ranks {list(info['ranks'].values())} -> test {info['accuracy_pruned']:.2%}, "
                 f"MACs {info['macs_pruned'] / info['dense_macs']:.1%} of dense")
-
-
-def _read_ranks(path: str) -> dict:
-    """prune.ranks: {layer name: rank} from a JSON file (errors as one-line RunErrors)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise RunError(f"prune.ranks: cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
 def _loss_scores(ctx: RunContext, batches: int) -> dict:
