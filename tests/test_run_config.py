@@ -137,3 +137,11 @@ def test_prune_ranks_cuts_a_run_to_another_runs_ranks(data, tmp_path):
     (tmp_path / "high.json").write_text(json.dumps({**ranks, next(iter(ranks)): 10**6}))
     with pytest.raises(RunError, match="not an integer in 1.."):  # refused before the train stage runs
         Run(tmp_path / "third", config(data, f"prune.ranks={tmp_path / 'high.json'}"), quiet=True).execute(until="train")
+
+
+def test_val_split_is_free_to_change_only_where_no_validation_split_is_held_out(data, tmp_path):
+    Run(tmp_path / "none", config(data), quiet=True).execute(until="train")
+    Run(tmp_path / "none", config(data, "val_split=stratified"), quiet=True).execute(until="prune")  # not read
+    Run(tmp_path / "held", config(data, "val_size=16"), quiet=True).execute(until="train")
+    with pytest.raises(RunError, match="val_split"):  # another split: other training images
+        Run(tmp_path / "held", config(data, "val_size=16", "val_split=stratified"), quiet=True).execute(until="prune")

@@ -285,7 +285,9 @@ def read_by(key: str, cfg: dict) -> bool:
     """Whether a run of `cfg` reads `key`: a dense run (decompose.enabled false) reads no other
     decompose setting, no regularizer or prune setting and no fine-tuning one (it only trains),
     so a changed value there (e.g. decompose.init, prune.gradual, optim.finetune_lr) leaves it
-    resumable."""
+    resumable. A run without a validation split (val_size 0) reads no val_split."""
+    if key == "val_split" and not cfg["val_size"]:
+        return False
     if cfg["decompose"]["enabled"]:
         return True
     return not ((key.startswith("decompose.") and key != "decompose.enabled") or key_stage(key) == "finetune"
