@@ -47,18 +47,19 @@ _CIFAR = {
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def _stratified_holdout(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Sorted indices of n images, each class in proportion to its count (scikit-learn)."""
+def _stratified_holdout(labels: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices (kept, held out) with n held out, each class in proportion to its count
+    (scikit-learn)."""
     try:
         from sklearn.model_selection import train_test_split
     except ImportError:
         raise ImportError("val_split=stratified needs scikit-learn: pip install 'svdtrain[cli]'") from None
     try:
-        _, val = train_test_split(torch.arange(len(labels)).numpy(), test_size=n, random_state=seed,
-                                  stratify=labels.numpy())
+        keep, val = train_test_split(torch.arange(len(labels)).numpy(), test_size=n, random_state=seed,
+                                     stratify=labels.numpy())
     except ValueError as err:  # a class of one image, or fewer images than classes on a side
         raise ValueError(f"stratified validation split of {n}: {err}") from None
-    return torch.from_numpy(val).sort().values
+    return torch.from_numpy(keep).sort().values, torch.from_numpy(val).sort().values
 
 
 @dataclass(repr=False, eq=False)
@@ -88,10 +89,7 @@ class Dataset:
         if not 0 < n < len(self.x_train):
             raise ValueError(f"validation size must be in 1..{len(self.x_train) - 1}, got {n}")
         if stratified:
-            val = _stratified_holdout(self.y_train, n, seed)
-            keep = torch.ones(len(self.y_train), dtype=torch.bool)
-            keep[val] = False
-            keep = keep.nonzero().squeeze(1)
+            keep, val = _stratified_holdout(self.y_train, n, seed)
         else:
             order = torch.randperm(len(self.x_train), generator=torch.Generator().manual_seed(seed))
             keep, val = order[:-n].sort().values, order[-n:].sort().values
